@@ -1,0 +1,133 @@
+"""Math word problems: reading the local JSONL files, gold answers, prompts, splits.
+
+Files hold one ``{"question": str, "answer": str}`` object per line (see
+``../shared/data/README.md``). The gold final answer is read from the reference solution:
+
+* GSM8K: the number after the last ``####`` line, commas removed;
+* MATH-500: the text after the last ``The answer is:``, else the last ``\\boxed{}``.
+
+Prompts follow spec 4.2: one user turn through the tokenizer's chat template with the
+generation prompt, tokenized without extra special tokens (the template adds them).
+The train/validation split is a seeded hash of the problem text, so a problem keeps its
+split whatever the file order or the other problems.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Iterator, Sequence
+
+from qsharp_jax.grading import last_boxed
+
+ANSWER_FORMATS = ("auto", "gsm8k", "math")
+PROMPT_TEMPLATE = "Problem:\n\n{question} Write your answer inside \\boxed{{}}.\n\nSolution:"
+SPLITS = ("train", "validation")
+
+
+class DataFormatError(ValueError):
+    """A data file line that is not a usable problem record."""
+
+    def __init__(self, path: str, line_number: int, problem: str):
+        super().__init__(f"{path}:{line_number}: {problem}")
+        self.path, self.line_number = path, line_number
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str  # gold final answer, compared with the model's last \boxed{} content
+    solution: str  # the reference solution as stored in the file
+    source: str = ""  # "path:line", for error messages and bookkeeping
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, record)`` for each non-blank line, one at a time."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path} does not exist (data.dir / the file name in the config?).")
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(path, line_number, f"bad JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataFormatError(path, line_number, f"expected a JSON object, got {type(record).__name__}")
+            yield line_number, record
+
+
+def final_answer(solution: str, answer_format: str = "auto") -> str:
+    """The gold final answer inside a reference solution ("" if it has none)."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format={answer_format!r} is not one of {ANSWER_FORMATS}.")
+    if answer_format in ("auto", "gsm8k") and "####" in solution:
+        return solution.rsplit("####", 1)[1].strip().replace(",", "")
+    if answer_format in ("auto", "math"):
+        if "The answer is:" in solution:
+            return solution.rsplit("The answer is:", 1)[1].strip()
+        return last_boxed(solution).strip()
+    return ""
+
+
+def load_problems(path: str | os.PathLike, answer_format: str = "auto", limit: int | None = None) -> list[Problem]:
+    """Problems of one JSONL file, in file order (the first ``limit`` if given)."""
+    problems = []
+    path = os.fspath(path)
+    for line_number, record in read_jsonl(path):
+        if limit is not None and len(problems) >= limit:
+            break
+        for key in ("question", "answer"):
+            if key not in record:
+                raise DataFormatError(path, line_number, f"missing key {key!r} (keys present: {sorted(record)})")
+            if not isinstance(record[key], str) or not record[key].strip():
+                raise DataFormatError(path, line_number, f"{key!r} must be a non-empty string")
+        gold = final_answer(record["answer"], answer_format)
+        if not gold:
+            raise DataFormatError(path, line_number,
+                                  f"no final answer in 'answer' (answer_format={answer_format!r}: expected a "
+                                  "'#### <number>' line, 'The answer is: ...' or a \\boxed{...})")
+        problems.append(Problem(record["question"], gold, record["answer"], f"{path}:{line_number}"))
+    return problems
+
+
+# ---- splits -----------------------------------------------------------------------
+
+def split_of(question: str, seed: int = 47, validation_fraction: float = 0.1) -> str:
+    """"train" or "validation" for one problem, from a seeded SHA-256 of its text
+    (Python's ``hash`` is salted per process, so it cannot give a stable split)."""
+    digest = hashlib.sha256(f"{seed}\0{question}".encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    return "validation" if u < validation_fraction else "train"
+
+
+def split_problems(problems: Sequence[Problem], seed: int = 47, validation_fraction: float = 0.1,
+                   ) -> dict[str, list[Problem]]:
+    """``{"train": [...], "validation": [...]}``, each in input order."""
+    out = {name: [] for name in SPLITS}
+    for p in problems:
+        out[split_of(p.question, seed, validation_fraction)].append(p)
+    return out
+
+
+# ---- prompts ----------------------------------------------------------------------
+
+def prompt_text(question: str) -> str:
+    return PROMPT_TEMPLATE.format(question=question)
+
+
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    """Token ids of the chat-formatted prompt (one user turn + generation prompt)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; the Q# prompts need an Instruct model's tokenizer.")
+    messages = [{"role": "user", "content": prompt_text(question)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already holds BOS / role markers: adding special tokens again would double them.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
+    return [encode_prompt(tokenizer, p.question) for p in problems]

@@ -1,0 +1,81 @@
+"""Final-answer extraction and answer matching (spec 4.4).
+
+* :func:`last_boxed` returns the content of the last ``\\boxed{...}`` in a text, with
+  braces matched by depth counting ("" when there is none).
+* Matchers compare a gold answer with a predicted one: ``strict`` is string equality,
+  ``symbolic`` (the authors' default) is string equality or else math-verify's
+  ``verify(parse(gold), parse(pred))`` with the gold first.
+
+Training labels and evaluation use the same functions, so a reward of 1 during data
+collection means exactly what "correct" means in the reported metrics.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+
+MATCHERS = ("symbolic", "strict")
+_BOXED = "\\boxed{"
+
+
+def last_boxed(text: str | None) -> str:
+    """Content of the last ``\\boxed{`` in ``text``; "" if none or if it is never closed
+    (a generation cut off inside its answer has no answer)."""
+    if not text:
+        return ""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return ""
+    depth = 1
+    begin = start + len(_BOXED)
+    for i in range(begin, len(text)):
+        ch = text[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:i]
+    return ""
+
+
+def strict_match(gold: str | None, pred: str | None) -> bool:
+    return bool(gold) and bool(pred) and gold == pred
+
+
+@functools.lru_cache(maxsize=65536)
+def _math_verify_match(gold: str, pred: str) -> bool:
+    # math-verify's timeouts use SIGALRM, which only the main thread may set; elsewhere we
+    # run without its timeout rather than crash.
+    from math_verify import parse, verify  # imported lazily: sympy import is slow
+
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold_parsed = parse("$" + gold + "$", parsing_timeout=timeout)
+        pred_parsed = parse("$" + pred + "$", parsing_timeout=timeout)
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+    except Exception:  # noqa: BLE001 - math-verify timeouts / sympy errors count as "no match"
+        return False
+
+
+def symbolic_match(gold: str | None, pred: str | None) -> bool:
+    if not gold or not pred:
+        return False
+    gold, pred = gold.strip(), pred.strip()
+    if gold == pred:
+        return True
+    return _math_verify_match(gold, pred)
+
+
+def get_matcher(name: str):
+    """The matcher function ``(gold, pred) -> bool`` called ``name``."""
+    if name == "symbolic":
+        return symbolic_match
+    if name == "strict":
+        return strict_match
+    raise ValueError(f"unknown answer matcher {name!r}; choose one of {MATCHERS}.")
+
+
+def is_correct(response_text: str, gold: str, matcher: str = "symbolic") -> bool:
+    """Whether the last boxed answer of a generated response matches the gold answer."""
+    return get_matcher(matcher)(gold, last_boxed(response_text))
