@@ -158,3 +158,19 @@ def test_bfloat16_params_and_compute_track_float32():
     assert bf16.dtype == jnp.float32  # logits are always float32
     rel = float(jnp.max(jnp.abs(jnp.where(mask[..., None], bf16 - f32, 0.0))) / jnp.max(jnp.abs(f32)))
     assert rel < 0.05, rel
+
+
+def test_remat_gives_the_same_gradients():
+    from flax import nnx
+    cfg = ModelConfig(**TINY)
+    tokens, mask = _batch()
+    grads = []
+    for remat in (False, True):
+        graphdef, state = nnx.split(M.Decoder(cfg, remat=remat, rngs=nnx.Rngs(6)))
+
+        def loss(state):
+            return jnp.mean(M.forward_logits(nnx.merge(graphdef, state), tokens, mask) ** 2)
+
+        grads.append(jax.jit(jax.grad(loss))(state))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
