@@ -9,7 +9,7 @@ One Q# iteration collects, for each training problem and each of n samples:
 4. the reward R = correctness of response[:c+1] + continuation (or of the response itself
    when the cut is at its end).
 
-:func:`create_classifier_data` turns rollouts into (input_ids, target_ids, label, weight)
+:func:`create_classifier_data` turns rollouts into (input_ids, target_ids, reward, weight)
 examples: the guided prefix without its last token is the input, the cut token (plus the
 pi_ref continuation with ``use_all_ref_tokens``, the "Prefix = All" setting) is the target,
 and every target position is labelled R. Iterations aggregate by concatenation; each
@@ -50,7 +50,7 @@ class Rollout:
 class ClassifierExample:
     input_ids: list[int]
     target_ids: list[int]
-    label: float
+    reward: float  # the rollout's reward-to-go R: the label of every target position
     weight: float = 1.0
 
 

@@ -18,7 +18,7 @@ def _rollout(question, reward, prompt=(1, 2), response=(10, 11, 12, EOS), cut=1,
 def test_classifier_example_from_a_hand_made_rollout():
     rollouts = [_rollout("a", 1.0), _rollout("a", 0.0, cut=3, cont=())]
     all_tokens = collect.create_classifier_data(rollouts)
-    assert all_tokens[0] == collect.ClassifierExample(input_ids=[1, 2, 10], target_ids=[11, 20, EOS], label=1.0,
+    assert all_tokens[0] == collect.ClassifierExample(input_ids=[1, 2, 10], target_ids=[11, 20, EOS], reward=1.0,
                                                       weight=1.0)
     # Cut at EOS: the EOS token is the only target, nothing was continued.
     assert all_tokens[1] == collect.ClassifierExample([1, 2, 10, 11, 12], [EOS], 0.0, 1.0)
@@ -35,7 +35,7 @@ def test_drop_no_variation_is_per_problem_over_all_samples():
     rollouts = [_rollout("all right", 1.0), _rollout("all right", 1.0), _rollout("all wrong", 0.0),
                 _rollout("mixed", 1.0), _rollout("mixed", 0.0)]
     kept = collect.create_classifier_data(rollouts)
-    assert len(kept) == 2 and sorted(e.label for e in kept) == [0.0, 1.0]
+    assert len(kept) == 2 and sorted(e.reward for e in kept) == [0.0, 1.0]
     assert len(collect.create_classifier_data(rollouts, drop_no_variation=False)) == 5
     # Aggregation can add variation to a problem that had none in one iteration.
     later = [_rollout("all right", 0.0)]
