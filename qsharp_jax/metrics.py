@@ -86,7 +86,8 @@ class MetricsWriter:
     def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train") -> None:
         if self.writer is not None:
             for k, v in values.items():
-                self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
+                if np.isfinite(v):  # e.g. explained variance is undefined on constant labels
+                    self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
         shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "ece", "lr", "tokens_per_s")}
         self.bar.set_postfix(shown, refresh=False)
         self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
