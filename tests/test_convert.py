@@ -146,3 +146,43 @@ def test_layout_transforms_are_inverse():
     q_proj = rng.standard_normal((2 * 3, 5))
     wq = weights.to_ours(e, q_proj, (5, 2, 3))
     assert wq[4, 1, 2] == q_proj[1 * 3 + 2, 4]
+
+
+def _byte_tokenizer():
+    """A tiny byte-level BPE tokenizer over the 256-token vocabulary of the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=backend.id_to_token(1),
+                                  eos_token=backend.id_to_token(2))
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    return tok
+
+
+def test_tokenizer_travels_through_convert_and_export_cli(tiny_hf_models, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    src = str(tmp_path / "src")
+    shutil.copytree(tiny_hf_models("llama_tied"), src)
+    _byte_tokenizer().save_pretrained(src)
+    out, hf_out = str(tmp_path / "orbax"), str(tmp_path / "hf")
+    assert convert.main(["--src", src, "--out", out, "--dtype", "bfloat16"]) == 0
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    lm = loader.load(out)
+    msgs = [{"role": "user", "content": "héllo"}]
+    text = lm.tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert text == "[user] héllo\n" and lm.tokenizer.decode(lm.tokenizer(text)["input_ids"]) == text
+    assert export.main(["--src", out, "--out", hf_out]) == 0
+    ref = AutoTokenizer.from_pretrained(hf_out)
+    assert ref(text)["input_ids"] == lm.tokenizer(text)["input_ids"]
+    tokens, mask = left_padded_batch(256, LENGTHS)
+    # bf16-stored weights: exported bf16 folder vs the same bf16 params in float32 compute
+    lm32 = loader.load(out, param_dtype=jnp.float32)
+    assert _max_err(hf_logits(hf_out, tokens, mask), _ours(lm32, tokens, mask), mask) < 1e-4

@@ -140,6 +140,9 @@ _TORCH_FREE = textwrap.dedent("""
         logits = jax.jit(lambda s, t, m: model.forward_logits(nnx.merge(graphdef, s), t, m))(
             state, data["tokens"], data["mask"])
     np.save(out + "_logits.npy", np.asarray(logits))
+    direct = loader.load(src, mesh=mesh)  # straight from the .gguf, no Orbax step
+    for a, b in zip(jax.tree.leaves(nnx.state(direct.model, nnx.Param)), jax.tree.leaves(state)):
+        assert a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
     assert "torch" not in sys.modules, "the GGUF main path imported torch"
     print("OK")
 """)
