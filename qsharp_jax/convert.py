@@ -155,10 +155,9 @@ def stream_params(src, cfg: ModelConfig, mesh, *, dtype=jnp.float32, param_dtype
     available = set(src.names())
     missing = [e.hf for e in plan if e.hf not in available]
     if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        shown = ", ".join(repr(m) for m in missing[:3]) + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
         raise ConversionError(
-            f"missing tensor {missing[0]!r}{', ' + ', '.join(repr(m) for m in missing[1:3]) if len(missing) > 1 else ''}"
-            f"{more} in {src.path}: the checkpoint is incomplete or does not match its config "
+            f"missing tensor {shown} in {src.path}: the checkpoint is incomplete or does not match its config "
             f"(model_type={cfg.model_type}, num_hidden_layers={cfg.num_layers}, tie_word_embeddings="
             f"{cfg.tie_word_embeddings}); re-download / re-export it or fix the config.")
     for e in plan:

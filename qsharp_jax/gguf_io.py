@@ -75,6 +75,11 @@ def _value(field) -> Any:
     return field.contents()
 
 
+def _f32(v) -> float:
+    """The shortest decimal of a float32 metadata value: GGUF stores 1e-5 as 9.99999974e-06."""
+    return float(str(np.float32(v)))
+
+
 class GGUFCheckpoint:
     """A GGUF file seen through HF names. ``tensor(hf_name)`` dequantizes one tensor."""
 
@@ -135,8 +140,8 @@ class GGUFCheckpoint:
             "num_attention_heads": heads,
             "num_key_value_heads": int(m("attention.head_count_kv", heads)),
             "head_dim": head_dim,
-            "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(m("rope.freq_base", 10000.0)),
+            "rms_norm_eps": _f32(m("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": _f32(m("rope.freq_base", 10000.0)),
             "max_position_embeddings": int(m("context_length", 8192)),
             # llama.cpp drops output.weight when the LM head is the embedding.
             "tie_word_embeddings": "output.weight" not in names,
@@ -144,7 +149,7 @@ class GGUFCheckpoint:
         }
         scaling = m("rope.scaling.type")
         if scaling not in (None, "none"):
-            hf["rope_scaling"] = {"rope_type": scaling, "factor": float(m("rope.scaling.factor", 1.0))}
+            hf["rope_scaling"] = {"rope_type": scaling, "factor": _f32(m("rope.scaling.factor", 1.0))}
         for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
             v = self.meta(f"tokenizer.ggml.{key}")
             if v is not None:
@@ -163,7 +168,9 @@ class GGUFCheckpoint:
 
         t = self._tensors[hf_name]
         x = quants.dequantize(t.data, t.tensor_type)
-        x = np.asarray(x, dtype=np.float32).reshape(self.shape(hf_name))
+        # Always a fresh array: an unquantized tensor is a view of the memory-mapped file,
+        # which must not end up aliased by a device buffer.
+        x = np.array(x, dtype=np.float32).reshape(self.shape(hf_name))
         if self.architecture in _PERMUTED_ARCHS:
             if ".q_proj." in hf_name:
                 x = unpermute_qk(x, self.config.num_heads)

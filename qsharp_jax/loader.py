@@ -21,7 +21,6 @@ import json
 import os
 from typing import Any, Iterable
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh

@@ -50,14 +50,17 @@ _GGUF_LAYER = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.w
                "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
                "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
                "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-               "mlp.down_proj.weight": "ffn_down.weight"}
+               "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_proj.bias": "attn_q.bias",
+               "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+               "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 _GGUF_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                 "lm_head.weight": "output.weight"}
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
-def write_llama_gguf(hf_folder: str, path: str) -> None:
-    """A llama.cpp-style GGUF of a tiny HF Llama: permuted q/k, MLP weights in Q8_0."""
+def write_gguf(hf_folder: str, path: str, arch: str = "llama", quantize_mlp: bool = True) -> None:
+    """A llama.cpp-style GGUF of a tiny HF model: q/k permuted for ``llama`` (llama.cpp runs
+    Qwen with rotate-half RoPE, so those stay as they are), MLP weights in Q8_0."""
     import gguf
     from safetensors.numpy import load_file
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -65,7 +68,7 @@ def write_llama_gguf(hf_folder: str, path: str) -> None:
     with open(os.path.join(hf_folder, "config.json")) as f:
         c = json.load(f)
     tensors = load_file(os.path.join(hf_folder, "model.safetensors"))
-    w = gguf.GGUFWriter(path, "llama")
+    w = gguf.GGUFWriter(path, arch)
     w.add_block_count(c["num_hidden_layers"])
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
@@ -74,7 +77,10 @@ def write_llama_gguf(hf_folder: str, path: str) -> None:
     w.add_head_count_kv(c["num_key_value_heads"])
     w.add_rope_freq_base(c["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    w.add_rope_dimension_count(c["hidden_size"] // c["num_attention_heads"])
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(c["vocab_size"])
     w.add_tokenizer_model("gpt2")
     w.add_token_list(list(bytes_to_unicode().values()))  # 256 single-byte tokens
@@ -90,11 +96,13 @@ def write_llama_gguf(hf_folder: str, path: str) -> None:
             gname = f"blk.{i}.{_GGUF_LAYER[rest]}"
         else:
             gname = _GGUF_GLOBAL[name]
-        if name.endswith("q_proj.weight"):
+        if arch != "llama":
+            pass
+        elif name.endswith("q_proj.weight"):
             x = llamacpp_permute(x, c["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             x = llamacpp_permute(x, c["num_key_value_heads"])
-        if ".mlp." in name:  # exercise dequantization
+        if quantize_mlp and ".mlp." in name:  # exercise dequantization
             q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
@@ -150,7 +158,7 @@ _TORCH_FREE = textwrap.dedent("""
 
 def test_tiny_gguf_torch_free_sharded_matches_transformers(tiny_hf_models, tmp_path):
     gguf_path = str(tmp_path / "tiny-llama.gguf")
-    write_llama_gguf(tiny_hf_models("llama"), gguf_path)
+    write_gguf(tiny_hf_models("llama"), gguf_path)
     tokens, mask = left_padded_batch(256, lengths=(40, 23, 1))
     np.savez(tmp_path / "batch.npz", tokens=tokens, mask=mask)
     out = str(tmp_path / "orbax")
@@ -165,3 +173,27 @@ def test_tiny_gguf_torch_free_sharded_matches_transformers(tiny_hf_models, tmp_p
     err = float(np.abs(ours - ref)[mask].max())
     print(f"tiny GGUF llama max abs logit error: {err:.2e}")
     assert err < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_tiny_qwen_gguf_matches_transformers(arch, tiny_hf_models, tmp_path):
+    """Qwen GGUFs: q/k/v biases (qwen2), q/k norms and head_dim != hidden/heads (qwen3)."""
+    from qsharp_jax import loader
+    from qsharp_jax.model import forward_logits
+    from qsharp_jax.model_config import load_hf_config
+
+    name = f"tiny-{arch}.gguf"
+    # transformers' GGUF reader ignores qwen3's attention.key_length (head_dim 24 here), so for
+    # qwen3 the reference is the original HF folder and the GGUF stays unquantized.
+    write_gguf(tiny_hf_models(arch), str(tmp_path / name), arch=arch, quantize_mlp=arch == "qwen2")
+    lm = loader.load(str(tmp_path / name))
+    assert lm.config.qkv_bias == (arch == "qwen2") and lm.config.qk_norm == (arch == "qwen3")
+    assert lm.config == load_hf_config(tiny_hf_models(arch)).replace(
+        max_position_embeddings=lm.config.max_position_embeddings, eos_token_ids=lm.config.eos_token_ids)
+    tokens, mask = left_padded_batch(256, lengths=(20, 9, 1))
+    ours = np.asarray(forward_logits(lm.model, tokens, mask))
+    if arch == "qwen3":
+        ref = hf_logits(tiny_hf_models(arch), tokens, mask)
+    else:
+        ref = hf_logits(str(tmp_path), tokens, mask, gguf_file=name)
+    assert float(np.abs(ours - ref)[mask].max()) < 1e-4
