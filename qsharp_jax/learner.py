@@ -198,6 +198,7 @@ class FitResult:
     graphdef: Any
     steps_run: int  # steps taken by this call (0 when the checkpoint was already complete)
     tokens_per_s: float  # non-pad tokens per second over this call's steps (after the first)
+    history: list  # the logged scalars, one dict (with "step") per log_every steps
 
     @property
     def model(self) -> GuidanceModel:
@@ -216,6 +217,9 @@ def fit(guide: GuidanceModel | ml_collections.ConfigDict | None, examples: Seque
     :class:`checkpointing.Preempted`; a non-finite loss raises FloatingPointError.
     """
     validate_learner_config(cfg)
+    check_examples(examples)  # cheap checks first: before a model is loaded or anything compiles
+    data = batching.bucket_examples(examples, cfg.buckets)
+    stream = batching.BatchStream(data, cfg.batch_size, cfg.seed, cfg.pad_id)
     rules = tuple(rules)
     mesh = make_mesh(data=1, fsdp=-1, tensor=1) if mesh is None else mesh
     if not isinstance(guide, GuidanceModel):
@@ -226,10 +230,7 @@ def fit(guide: GuidanceModel | ml_collections.ConfigDict | None, examples: Seque
         cfg.guide.head.update(dataclasses.asdict(head))  # record the model's actual head
     losses.check_loss_matches_head(cfg.loss_type, head.distribution)
     check_model_fits(guide.cfg, mesh, rules, batch=cfg.batch_size, name="guidance model")
-    check_examples(examples)
 
-    data = batching.bucket_examples(examples, cfg.buckets)
-    stream = batching.BatchStream(data, cfg.batch_size, cfg.seed, cfg.pad_id)
     total_steps = cfg.epochs * stream.batches_per_epoch
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps) if cfg.epochs >= 1 else cfg.max_steps
@@ -268,13 +269,15 @@ def fit(guide: GuidanceModel | ml_collections.ConfigDict | None, examples: Seque
         del params, guide  # the state owns the (donated) buffers from here on
         train = ts.jit_train_step(step_fn, state_sharding, batch_sharding, mesh)
         result = _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effective, data_id, logdir)
-    return FitResult(state=result[0], graphdef=graphdef, steps_run=result[1], tokens_per_s=result[2])
+    return FitResult(state=result[0], graphdef=graphdef, steps_run=result[1], tokens_per_s=result[2],
+                     history=result[3])
 
 
 def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effective, data_id, logdir):
     start = int(jax.device_get(state.step))
     writer = metrics.MetricsWriter(logdir, total_steps, start, disable_bar=not cfg.progress_bar)
     last_saved = start
+    history = []
 
     def save(st):
         nonlocal last_saved
@@ -317,10 +320,12 @@ def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effectiv
                 if done % cfg.log_every == 0 or done == total_steps:
                     elapsed = time.perf_counter() - window["t0"]
                     summary = metrics.summarize_calibration(calib)
-                    writer.scalars(done, dict(loss=window["loss"] / window["n"],
-                                              grad_norm=window["grad_norm"] / window["n"], lr=float(stats["lr"]),
-                                              ece=summary["ece"], explained_variance=summary["explained_variance"],
-                                              tokens_per_s=window["tokens"] / max(elapsed, 1e-9)))
+                    logged = dict(loss=window["loss"] / window["n"], grad_norm=window["grad_norm"] / window["n"],
+                                  lr=float(stats["lr"]), ece=summary["ece"],
+                                  explained_variance=summary["explained_variance"],
+                                  tokens_per_s=window["tokens"] / max(elapsed, 1e-9))
+                    writer.scalars(done, logged)
+                    history.append(dict(step=done, **logged))
                     writer.reliability(done, summary["reliability"])
                     calib, window = None, dict(loss=0.0, grad_norm=0.0, n=0, tokens=0, t0=time.perf_counter())
                 if done % cfg.save_every == 0:
@@ -336,4 +341,4 @@ def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effectiv
         if ckpt is not None:
             ckpt.close()  # waits for pending (good) saves
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds > 0 else float("nan")
-    return state, total_steps - start, tokens_per_s
+    return state, total_steps - start, tokens_per_s, history
