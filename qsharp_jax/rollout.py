@@ -102,8 +102,6 @@ class _LoopSpec:
     max_new_tokens: int
     k: int
     guidance: str
-    stop_ids: tuple
-    pad_id: int
     guided: bool
 
 
@@ -151,15 +149,15 @@ def candidate_scores(guide, guide_cache, newest, position, candidates):
 
 
 def decode(ref_graph, guide_graph, spec: _LoopSpec, ref_state, guide_state, ref_cache, guide_cache,
-           newest, position, key, knobs):
+           newest, position, key, knobs, stop_ids, pad_id):
     """The whole decode as one while_loop. newest/position: [N] last prompt token and its
     position id. knobs: dict of traced scalars (temperature, top_p, top_k, greedy, inv_eta).
+    stop_ids: [S] int32 (-1 entries never match); pad_id: int32 scalar (both traced).
     Returns (steps run, lengths [N], (tokens, logp_policy, logp_ref, kl_token) [N, max_new],
     final caches)."""
     ref = nnx.merge(ref_graph, ref_state)
     guide = nnx.merge(guide_graph, guide_state) if spec.guided else None
     n, steps = newest.shape[0], spec.max_new_tokens
-    stop_ids = jnp.asarray(spec.stop_ids if spec.stop_ids else (-1,), jnp.int32)
     rows = jnp.arange(n)[:, None]
 
     def step(carry):
@@ -179,7 +177,7 @@ def decode(ref_graph, guide_graph, spec: _LoopSpec, ref_state, guide_state, ref_
         token = sampling.sample(jax.random.fold_in(key, i), log_pi)
         active = ~done
         per_token = (
-            jnp.where(active, token, spec.pad_id),
+            jnp.where(active, token, pad_id),
             jnp.where(active, jnp.take_along_axis(log_pi, token[:, None], axis=-1)[:, 0], 0.0),
             jnp.where(active, jnp.take_along_axis(log_ref, token[:, None], axis=-1)[:, 0], 0.0),
             jnp.where(active, sampling.kl_divergence(log_pi, log_ref), 0.0),
@@ -193,7 +191,7 @@ def decode(ref_graph, guide_graph, spec: _LoopSpec, ref_state, guide_state, ref_
         i, done = carry[0], carry[5]
         return (i < steps) & ~jnp.all(done)
 
-    outs = (jnp.full((n, steps), spec.pad_id, jnp.int32),) + tuple(jnp.zeros((n, steps), jnp.float32)
+    outs = (jnp.full((n, steps), pad_id, jnp.int32),) + tuple(jnp.zeros((n, steps), jnp.float32)
                                                                  for _ in range(3))
     init = (jnp.zeros((), jnp.int32), ref_cache, guide_cache, newest, position,
             jnp.zeros((n,), bool), jnp.zeros((n,), jnp.int32), outs)
@@ -289,7 +287,10 @@ class Sampler:
         position = np.repeat(mask.sum(axis=1) - 1, n).astype(np.int32)
         knobs = dict(temperature=np.float32(temperature), top_p=np.float32(top_p),
                      top_k=np.int32(top_k), greedy=np.bool_(greedy), inv_eta=np.float32(inv_eta))
-        spec = _LoopSpec(cfg.max_new_tokens, cfg.k, cfg.guidance, cfg.stop_ids, cfg.pad_id, guided)
+        spec = _LoopSpec(cfg.max_new_tokens, cfg.k, cfg.guidance, guided)
+        # stop ids are traced, padded with -1 to a multiple of 4 entries (fewer recompiles)
+        stop_ids = np.full(_round_up(max(len(cfg.stop_ids), 1), 4), -1, np.int32)
+        stop_ids[:len(cfg.stop_ids)] = cfg.stop_ids
         guide_graph = self.guide_graph if guided else None
         guide_state = self.guide_state if guided else None
         with self._mesh_context():
@@ -298,7 +299,8 @@ class Sampler:
                                                  self._put_batch(tokens), self._put_batch(mask))
             steps, lengths, outs, _, _ = decode_jit(self.ref_graph, guide_graph, spec, self.ref_state, guide_state,
                                               ref_cache, guide_cache, self._put_batch(newest),
-                                              self._put_batch(position), key, knobs)
+                                              self._put_batch(position), key, knobs, stop_ids,
+                                              np.int32(cfg.pad_id))
         steps, lengths, outs = jax.device_get((steps, lengths, outs))
         keep = len(prompts) * n  # rows of filler prompts come last
         out_tokens, logp_policy, logp_ref, kl_token = (np.asarray(o[:keep]) for o in outs)

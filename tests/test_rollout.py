@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import left_padded_batch
+from flax import nnx
+
 from qsharp_jax import loader
 from qsharp_jax.model import forward_logits
 from qsharp_jax.rollout import Sampler, SamplerConfig, decode_jit, prefill_jit
@@ -19,64 +21,94 @@ from test_sampling import sorted_nucleus
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _prompts(vocab, lengths=(7, 4, 1), seed=0):
-    tokens, mask = left_padded_batch(vocab, lengths, seed)
+# One prompt shape (3 prompts, bucket 8), n = 2 and 10 new tokens everywhere: the tests share
+# compiled loops (stop ids, pad id and every sampling knob are traced).
+LENGTHS, N, MAX_NEW, BUCKET = (7, 4, 1), 2, 10, 8
+
+
+def _prompts(seed=0):
+    tokens, mask = left_padded_batch(256, LENGTHS, seed)
     return [row[m].tolist() for row, m in zip(tokens, mask)], tokens, mask
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_greedy_equals_transformers_generate_with_eos_stops(tiny_hf_models, family):
+def _sampler(model, stop_ids=()):
+    return Sampler(model, config=SamplerConfig(max_new_tokens=MAX_NEW, stop_ids=stop_ids, pad_id=0,
+                                               prompt_bucket=BUCKET))
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tiny_hf_models):
+    return tiny_hf_models("llama")
+
+
+@pytest.fixture(scope="module")
+def llama(llama_folder):
+    return loader.load(llama_folder, tokenizer=False).model
+
+
+@jax.jit
+def _full_logits(state, tokens, mask):
+    return forward_logits(nnx.merge(_GRAPH[0], state), tokens, mask)
+
+
+_GRAPH = []
+
+
+def brute_force_logits(model, seqs, width=32):
+    """Logits [len(seqs), width, V] of right-aligned sequences by one full forward (no cache)."""
+    graphdef, state = nnx.split(model)
+    _GRAPH[:] = [graphdef]
+    tokens = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros((len(seqs), width), bool)
+    for i, seq in enumerate(seqs):
+        tokens[i, width - len(seq):], mask[i, width - len(seq):] = seq, True
+    return np.asarray(_full_logits(state, tokens, mask))
+
+
+def test_greedy_equals_transformers_generate_with_eos_stops(llama_folder, llama):
     import torch
     import transformers
 
-    folder = tiny_hf_models(family)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompts, tokens, mask = _prompts(256)
-    max_new = 12
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32).eval()
+    prompts, tokens, mask = _prompts()
 
     def hf_greedy(eos):
         with torch.no_grad():
             out = hf.generate(input_ids=torch.as_tensor(tokens, dtype=torch.long),
                               attention_mask=torch.as_tensor(mask, dtype=torch.long), do_sample=False,
-                              max_new_tokens=max_new, eos_token_id=list(eos), pad_token_id=0)
+                              max_new_tokens=MAX_NEW, eos_token_id=list(eos), pad_token_id=0)
         new = out[:, tokens.shape[1]:].numpy()
-        return np.pad(new, ((0, 0), (0, max_new - new.shape[1])))  # HF stops early when all rows end
+        return np.pad(new, ((0, 0), (0, MAX_NEW - new.shape[1])))  # HF stops early when all rows end
 
     free = hf_greedy(eos=[255 ** 2])  # an id that never occurs: no stops
     stops = (int(free[0, 3]), int(free[1, 6]))  # two stop ids that occur mid-row (EOS stops)
     expected = hf_greedy(eos=stops)
 
-    model = loader.load(folder, tokenizer=False).model
-    sampler = Sampler(model, config=SamplerConfig(max_new_tokens=max_new, stop_ids=stops, pad_id=0, prompt_bucket=8))
-    out = sampler.generate(prompts, key=jax.random.key(0), greedy=True)
-    np.testing.assert_array_equal(out.tokens, expected)
-    for row, n in zip(expected, out.lengths):  # lengths count the stop token
+    out = _sampler(llama, stops).generate(prompts, key=jax.random.key(0), n=N, greedy=True)
+    np.testing.assert_array_equal(out.tokens[::N], expected)  # row 2i is prompt i's first copy
+    np.testing.assert_array_equal(out.tokens[1::N], expected)  # the n copies agree under greedy
+    for row, n in zip(expected, out.lengths[::N]):  # lengths count the stop token
         hits = [i for i, t in enumerate(row) if t in stops]
-        assert n == (hits[0] + 1 if hits else max_new)
-    assert out.lengths[0] <= 4 and out.lengths[1] <= 7
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_hf_models):
-    return loader.load(tiny_hf_models("llama"), tokenizer=False).model
+        assert n == (hits[0] + 1 if hits else MAX_NEW)
+    assert out.lengths[0] <= 4 and out.lengths[2] <= 7
 
 
 def test_logprobs_and_kl_match_brute_force_recomputation(llama):
-    prompts, _, _ = _prompts(256, lengths=(5, 9, 2), seed=1)
-    temperature, top_p, n, max_new = 0.8, 0.9, 2, 10
-    stop = 7
-    sampler = Sampler(llama, config=SamplerConfig(max_new_tokens=max_new, stop_ids=(stop,), pad_id=0, prompt_bucket=16))
-    out = sampler.generate(prompts, key=jax.random.key(5), n=n, temperature=temperature, top_p=top_p)
-    assert out.tokens.shape == (len(prompts) * n, max_new)
-    np.testing.assert_array_equal(out.prompt_index, np.repeat(np.arange(len(prompts)), n))
-    for r in range(len(out.lengths)):
+    prompts, _, _ = _prompts(seed=1)
+    temperature, top_p, stop = 0.8, 0.9, 7
+    out = _sampler(llama, (stop,)).generate(prompts, key=jax.random.key(5), n=N, temperature=temperature,
+                                            top_p=top_p)
+    assert out.tokens.shape == (len(prompts) * N, MAX_NEW)
+    np.testing.assert_array_equal(out.prompt_index, np.repeat(np.arange(len(prompts)), N))
+    seqs = [prompts[out.prompt_index[r]] + out.tokens[r, :out.lengths[r]].tolist() for r in range(len(out.lengths))]
+    all_logits = brute_force_logits(llama, seqs)
+    for r, seq in enumerate(seqs):
         prompt, length = prompts[out.prompt_index[r]], int(out.lengths[r])
         response = out.tokens[r, :length]
-        assert stop not in response[:-1] and (length == max_new or response[-1] == stop)
+        assert stop not in response[:-1] and (length == MAX_NEW or response[-1] == stop)
         assert np.all(out.tokens[r, length:] == 0) and np.all(out.kl_token[r, length:] == 0)
-        seq = np.asarray([prompt + response.tolist()], np.int32)
-        logits = np.asarray(forward_logits(llama, jnp.asarray(seq), jnp.ones(seq.shape, bool)))[0]
-        step_logits = logits[len(prompt) - 1: len(prompt) - 1 + length]  # the positions predicting the response
+        # the positions predicting the response tokens (sequences are right-aligned)
+        step_logits = all_logits[r, all_logits.shape[1] - len(seq) + len(prompt) - 1:][:length]
         keep = sorted_nucleus(step_logits, temperature, top_p)
         x = step_logits.astype(np.float64) / temperature
         log_q = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
@@ -92,36 +124,31 @@ def test_logprobs_and_kl_match_brute_force_recomputation(llama):
         np.testing.assert_allclose(out.kl_traj[r], kl.sum(), atol=1e-4)
 
 
-def test_n_samples_share_a_prefill_and_early_exit(llama):
-    prompts, _, _ = _prompts(256, lengths=(3, 6), seed=2)
-    sampler = Sampler(llama, config=SamplerConfig(max_new_tokens=8, prompt_bucket=8))
-    greedy = sampler.generate(prompts, key=jax.random.key(0), n=3, greedy=True)
-    assert greedy.tokens.shape == (6, 8)
-    for r in range(6):  # the n copies of a prompt decode identically under greedy
-        np.testing.assert_array_equal(greedy.tokens[r], greedy.tokens[3 * (r // 3)])
-    assert not np.array_equal(greedy.tokens[0], greedy.tokens[3])
+def test_early_exit_when_every_row_stopped_and_sampled_copies_differ(llama):
+    prompts, _, _ = _prompts(seed=2)
+    greedy = _sampler(llama).generate(prompts, key=jax.random.key(0), n=N, greedy=True)
+    assert greedy.steps == MAX_NEW and np.all(greedy.lengths == MAX_NEW)
     # every row stops at its first token -> the loop exits after one step
-    first = sorted(set(greedy.tokens[:, 0].tolist()))
-    stopper = Sampler(llama, config=SamplerConfig(max_new_tokens=8, prompt_bucket=8, stop_ids=tuple(first)))
-    out = stopper.generate(prompts, key=jax.random.key(0), n=3, greedy=True)
+    first = tuple(sorted(set(greedy.tokens[:, 0].tolist())))
+    out = _sampler(llama, first).generate(prompts, key=jax.random.key(0), n=N, greedy=True)
     assert out.steps == 1 and np.all(out.lengths == 1) and np.all(out.tokens[:, 1:] == 0)
-    # sampled copies differ
-    sampled = sampler.generate(prompts, key=jax.random.key(1), n=3, temperature=1.0)
-    assert len({tuple(t) for t in sampled.tokens}) > 2
+    sampled = _sampler(llama).generate(prompts, key=jax.random.key(1), n=N, temperature=1.0)
+    assert len({tuple(t) for t in sampled.tokens}) == len(sampled.tokens)
 
 
 def test_changing_knobs_or_prompt_lengths_within_a_bucket_does_not_recompile(llama):
-    sampler = Sampler(llama, config=SamplerConfig(max_new_tokens=5, prompt_bucket=16))
-    prompts, _, _ = _prompts(256, lengths=(3, 6), seed=3)
-    first = sampler.generate(prompts, key=jax.random.key(0), temperature=0.8, top_p=0.9)
+    sampler = _sampler(llama, (9,))
+    prompts, _, _ = _prompts(seed=3)
+    first = sampler.generate(prompts, key=jax.random.key(0), n=N, temperature=0.8, top_p=0.9)
     sizes = decode_jit._cache_size(), prefill_jit._cache_size()
-    others, _, _ = _prompts(256, lengths=(11, 2), seed=4)
+    others = [[11, 12], [13] * 8, [14, 15, 16]]
     for prompts_, knobs in [(prompts, dict(temperature=0.5, top_p=0.3)),
                             (others, dict(temperature=1.3, top_p=1.0, top_k=5)),
                             (prompts, dict(greedy=True, inv_eta=3.0))]:
-        sampler.generate(prompts_, key=jax.random.key(1), **knobs)
+        sampler.generate(prompts_, key=jax.random.key(1), n=N, **knobs)
+    _sampler(llama, (4, 5, 6)).generate(prompts, key=jax.random.key(1), n=N)  # other stop ids
     assert (decode_jit._cache_size(), prefill_jit._cache_size()) == sizes
-    again = sampler.generate(prompts, key=jax.random.key(0), temperature=0.8, top_p=0.9)
+    again = sampler.generate(prompts, key=jax.random.key(0), n=N, temperature=0.8, top_p=0.9)
     np.testing.assert_array_equal(first.tokens, again.tokens)  # same key, same tokens
 
 
@@ -145,18 +172,15 @@ SHARDED_SCRIPT = textwrap.dedent("""
         ref = M.build(cfg, seed=0)
         guide = G.build(M.build(cfg, seed=1, rules=guide_rules), G.HeadConfig(kind="v"), seed=2)
         sampler = Sampler(ref, guide, conf, mesh=mesh)
-        row = []
-        for guided in (False, True):
-            out = sampler.generate(prompts, key=jax.random.key(3), n=2, temperature=0.9, top_p=0.95,
-                                   inv_eta=10.0, guided=guided)
-            row.append(out)
-        results.append(row)
-    for plain, sharded in zip(*results):
-        np.testing.assert_array_equal(plain.tokens, sharded.tokens)
-        np.testing.assert_array_equal(plain.lengths, sharded.lengths)
-        np.testing.assert_allclose(plain.logp_policy, sharded.logp_policy, atol=1e-4)
-        np.testing.assert_allclose(plain.kl_traj, sharded.kl_traj, atol=1e-3)
-    assert not np.array_equal(results[0][0].tokens, results[0][1].tokens)  # guidance did something
+        # guided: the reference path plus the guide (the unguided loop is the same minus the guide)
+        results.append(sampler.generate(prompts, key=jax.random.key(3), n=2, temperature=0.9, top_p=0.95,
+                                        inv_eta=10.0))
+    plain, sharded = results
+    np.testing.assert_array_equal(plain.tokens, sharded.tokens)
+    np.testing.assert_array_equal(plain.lengths, sharded.lengths)
+    np.testing.assert_allclose(plain.logp_policy, sharded.logp_policy, atol=1e-4)
+    np.testing.assert_allclose(plain.kl_traj, sharded.kl_traj, atol=1e-3)
+    assert sharded.lengths.shape == (6,) and plain.kl_traj.max() > 0
     print("SHARDED_OK")
 """)
 
