@@ -1,0 +1,92 @@
+"""End to end: the Q# job on a tiny random Llama with a byte-level chat tokenizer, two iterations
+(so the second roll-in is guided), a handful of problems, then a resume that reuses
+everything."""
+import json
+import os
+
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "gsm8k.py")
+
+
+def byte_chat_tokenizer():
+    """A byte-level tokenizer (259 ids) with a ChatML-style template, built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab.update({c: i + len(specials) for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>",
+                                   bos_token="<|im_start|>", chat_template=template)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 1-layer random Llama over a byte-level vocabulary, converted with its tokenizer."""
+    from flax import nnx
+
+    from qsharp_jax import convert, model
+    from qsharp_jax.model_config import ModelConfig
+
+    tokenizer = byte_chat_tokenizer()
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, rope_theta=10000.0,
+                      tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=1,
+                      eos_token_ids=(tokenizer.eos_token_id,))
+    _, params = nnx.split(model.build(cfg, seed=0))
+    out = str(tmp_path_factory.mktemp("tiny") / "model")
+    convert.write_checkpoint(out, cfg, params, param_dtype=np.float32, tokenizer=tokenizer)
+    return out
+
+
+def smoke_config(model_dir, output_dir):
+    argv = ["prog", f"--config={CONFIG}", f"--config.output_dir={output_dir}",
+            f"--config.reference.path={model_dir}", f"--config.learner.guide.path={model_dir}",
+            "--config.data.num_train_problems=2", "--config.data.num_eval_problems=2",
+            "--config.sampler.max_new_tokens=6", "--config.sampler.k=4", "--config.sampler.problems_per_batch=2",
+            "--config.sampler.prompt_bucket=512",  # one prompt-length bucket: fewer compiles
+            "--config.collect.samples_per_problem=2", "--config.collect.iterations=2",
+            "--config.eval.samples_per_problem=2", "--config.eval.pass_at_1_rounds=10",
+            "--config.learner.max_steps=2", "--config.learner.batch_size=2", "--config.learner.buckets=(512,)",
+            "--config.learner.progress_bar=False"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
+    from qsharp_jax import collect, train
+
+    out = str(tmp_path / "run")
+    cfg = smoke_config(tiny_model_dir, out)
+    results = train.run(cfg)
+    assert set(results) == {"pi_ref", "qsharp_iter1", "qsharp_iter2"}
+    for metrics in results.values():
+        assert {"pass@1", "maj1@2", "pass@2", "kl"} <= set(metrics)
+        assert 0.0 <= metrics["pass@1"] <= 1.0 and np.isfinite(metrics["kl"])
+    assert results["qsharp_iter2"]["kl"] > 0.0  # guided at inv_eta 10 moves away from pi_ref
+    printed = capsys.readouterr().out
+    assert "policy" in printed and "qsharp_iter2" in printed
+
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["collect"]["iterations"] == 2
+    it1 = collect.load_rollouts(collect.rollouts_path(out, 1))
+    it2 = collect.load_rollouts(collect.rollouts_path(out, 2))
+    assert len(it1) == len(it2) == 4 and {r.iteration for r in it2} == {2}
+    assert os.path.isdir(os.path.join(out, "guide", "iteration_2"))
+
+    # A rerun reuses rollouts, checkpoints and evaluations and returns the same numbers.
+    again = train.run(smoke_config(tiny_model_dir, out))
+    assert again == results
