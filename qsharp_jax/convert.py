@@ -237,8 +237,7 @@ def write_checkpoint(out: str, cfg: ModelConfig, params, *, param_dtype, tokeniz
                 "model_config": cfg.to_json_dict()}
         with open(os.path.join(tmp, QSHARP_CONFIG), "w") as f:
             json.dump(meta, f, indent=2)
-        hf = to_hf_dict(cfg)
-        hf["torch_dtype"] = np.dtype(param_dtype).name
+        hf = to_hf_dict(cfg, dtype=np.dtype(param_dtype).name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         if tokenizer is not None:

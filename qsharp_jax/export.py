@@ -83,8 +83,7 @@ def export_hf(out: str | os.PathLike, model_or_params, config: ModelConfig, *, t
             with open(os.path.join(tmp, _INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-        hf = to_hf_dict(config)
-        hf["torch_dtype"] = hf["dtype"] = np.dtype(stored_dtype).name
+        hf = to_hf_dict(config, dtype=np.dtype(stored_dtype).name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         if tokenizer is not None:

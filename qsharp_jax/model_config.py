@@ -169,8 +169,8 @@ def from_hf_dict(hf: Mapping[str, Any]) -> ModelConfig:
     return cfg
 
 
-def to_hf_dict(cfg: ModelConfig) -> dict:
-    """The HF ``config.json`` content for ``cfg`` (transformers 5.x spelling)."""
+def to_hf_dict(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """The HF ``config.json`` content for ``cfg`` (transformers 5.x spelling), weights stored as ``dtype``."""
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling)}
     if "original_max_position_embeddings" in rope:
@@ -182,7 +182,7 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.rms_norm_eps, "rope_parameters": rope, "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
-        "hidden_act": "silu", "torch_dtype": "float32",
+        "hidden_act": "silu", "dtype": dtype, "torch_dtype": dtype,
     }
     if cfg.rope_type != "default":
         d["rope_scaling"] = rope
