@@ -131,3 +131,47 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
 
 def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
     return [encode_prompt(tokenizer, p.question) for p in problems]
+
+
+# ---- tfds (array_record) view of the same files -------------------------------------------
+
+def tfds_builder(name: str, split_files: dict[str, str], data_dir: str, answer_format: str = "auto"):
+    """A tfds ``GeneratorBasedBuilder`` over local JSONL files, writing ``array_record`` (no
+    TensorFlow or internet needed). ``name`` is CamelCase (tfds derives the dataset
+    directory from it), ``split_files`` maps split names to JSONL paths. Call
+    ``download_and_prepare()`` once, then ``as_data_source()`` gives random-access sources
+    for grain. Records hold question, answer (gold final answer) and solution."""
+    import types
+
+    import tensorflow_datasets as tfds  # heavy import: only when a tfds view is asked for
+
+    def body(ns):
+        ns["VERSION"] = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            # DatasetInfo directly: dataset_info_from_configs would look for metadata files
+            # next to this module.
+            text = tfds.features.Text()
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"question": text, "answer": text, "solution": text}))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(path) for split, path in split_files.items()}
+
+        def _generate_examples(self, path):
+            for p in load_problems(path, answer_format):  # same validation as the plain reader
+                yield int(p.source.rsplit(":", 1)[1]), {"question": p.question, "answer": p.answer,
+                                                        "solution": p.solution}
+
+        ns.update(_info=_info, _split_generators=_split_generators, _generate_examples=_generate_examples)
+
+    cls = types.new_class(name, (tfds.core.GeneratorBasedBuilder,), {"skip_registration": True}, body)
+    return cls(data_dir=data_dir, file_format="array_record")
+
+
+def problems_from_records(records) -> list[Problem]:
+    """Problems from tfds records (bytes or str fields), e.g. a data source's items."""
+    def text(x):
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+    return [Problem(text(r["question"]), text(r["answer"]), text(r["solution"])) for r in records]

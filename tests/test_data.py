@@ -109,3 +109,20 @@ def test_shared_files_parse():
     assert len(test) == 1319 and all(p.answer for p in test)
     math500 = data.load_problems(os.path.join(SHARED, "math500", "test.jsonl"), "math")
     assert len(math500) == 500 and math500[0].answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+
+
+def test_tfds_builder_writes_array_record_and_reads_back(tmp_path):
+    path = _write(tmp_path, [json.dumps({"question": f"q{i}?", "answer": f"work\n#### {i},000"}) for i in range(5)])
+    builder = data.tfds_builder("TinyMath", {"train": path}, data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare()
+    assert list((tmp_path / "tfds" / "tiny_math" / "1.0.0").glob("*.array_record*"))
+    source = builder.as_data_source()["train"]
+    problems = data.problems_from_records(source[i] for i in range(len(source)))
+    assert sorted((p.question, p.answer) for p in problems) == [(f"q{i}?", f"{i}000") for i in range(5)]
+
+
+def test_tfds_builder_reports_malformed_lines(tmp_path):
+    path = _write(tmp_path, [json.dumps({"question": "q", "answer": "#### 1"}), "{not json"])
+    builder = data.tfds_builder("BadMath", {"train": path}, data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(data.DataFormatError, match=r"d\.jsonl:2: bad JSON"):
+        builder.download_and_prepare()
