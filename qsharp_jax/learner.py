@@ -197,7 +197,7 @@ class FitResult:
     state: ts.TrainState
     graphdef: Any
     steps_run: int  # steps taken by this call (0 when the checkpoint was already complete)
-    tokens_per_s: float  # non-pad tokens per second over this call's steps (after the first)
+    tokens_per_s: float  # non-pad tokens/s over this call's steps, except those that compiled
     history: list  # the logged scalars, one dict (with "step") per log_every steps
 
     @property
@@ -210,7 +210,8 @@ def fit(guide: GuidanceModel | ml_collections.ConfigDict | None, examples: Seque
     """Train a guidance model on classifier examples; resume from ``cfg.checkpoint_dir`` if it
     holds a checkpoint of the same data.
 
-    guide: a GuidanceModel, or None / a config (then built from ``cfg.guide`` via the loader).
+    guide: a GuidanceModel (its dtypes are used as they are), or a ``guide`` config section / None
+    (then built via the loader from that section / ``cfg.guide``). Its arrays are not consumed.
     examples: objects with input_ids, target_ids, reward, weight (e.g. ``collect.ClassifierExample``).
     cfg: the learner config (:func:`default_learner_config`).
     mesh: default all devices on the 'fsdp' axis. SIGTERM saves and raises
@@ -222,6 +223,10 @@ def fit(guide: GuidanceModel | ml_collections.ConfigDict | None, examples: Seque
     stream = batching.BatchStream(data, cfg.batch_size, cfg.seed, cfg.pad_id)
     rules = tuple(rules)
     mesh = make_mesh(data=1, fsdp=-1, tensor=1) if mesh is None else mesh
+    if isinstance(guide, ml_collections.ConfigDict):  # a `guide` section overriding cfg.guide
+        cfg = cfg.copy_and_resolve_references()
+        cfg.guide = guide
+        validate_learner_config(cfg)
     if not isinstance(guide, GuidanceModel):
         guide, _ = build_guidance_model(cfg, mesh, rules, reference_tokenizer)
     head = guide.head_cfg
@@ -243,6 +248,8 @@ def fit(guide: GuidanceModel | ml_collections.ConfigDict | None, examples: Seque
     step_fn = ts.make_train_step(graphdef, tx, schedule, head, loss_type=cfg.loss_type,
                                  categorical_target=cfg.categorical_target, calibration_bins=cfg.calibration_bins)
     effective = dict(learner=cfg.to_dict(), model_config=guide.cfg.to_json_dict(), mesh=dict(mesh.shape),
+                     model_dtypes=dict(compute=jnp.dtype(guide.backbone.dtype).name,
+                                       params=jnp.dtype(guide.backbone.embed.get_value().dtype).name),
                      num_examples=len(examples), dropped=data.num_dropped, truncated=data.num_truncated,
                      total_steps=total_steps, **data_id)
 
@@ -273,6 +280,14 @@ def fit(guide: GuidanceModel | ml_collections.ConfigDict | None, examples: Seque
                      history=result[3])
 
 
+def _to_device(host_batch: dict, shardings: dict) -> dict:
+    """Global batch arrays from the full host batch: every process computes the same batch (it is a
+    pure function of seed and step) and supplies the rows of its own devices, so this also works
+    on multi-host pod slices."""
+    return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+            for k, v in host_batch.items()}
+
+
 def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effective, data_id, logdir):
     start = int(jax.device_get(state.step))
     writer = metrics.MetricsWriter(logdir, total_steps, start, disable_bar=not cfg.progress_bar)
@@ -288,12 +303,15 @@ def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effectiv
             last_saved = step
 
     calib, window = None, dict(loss=0.0, grad_norm=0.0, n=0, tokens=0, t0=time.perf_counter())
-    timed_tokens, timed_seconds, first_done = 0, 0.0, False
+    timed_tokens, timed_seconds, shapes_seen = 0, 0.0, set()
     try:
         with checkpointing.SigtermGuard() as sigterm:
             for step in range(start, total_steps):
                 t_step = time.perf_counter()
-                batch = jax.device_put(stream.batch(*stream.position_of_step(step)), batch_sharding)
+                host_batch = stream.batch(*stream.position_of_step(step))
+                new_shape = host_batch["tokens"].shape not in shapes_seen  # this step compiles
+                shapes_seen.add(host_batch["tokens"].shape)
+                batch = _to_device(host_batch, batch_sharding)
                 state, stats = train(state, batch)
                 stats = jax.device_get(stats)  # one host sync per step: NaN check before anything is saved
                 if not stats["finite"]:
@@ -306,10 +324,9 @@ def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effectiv
                         f"{step + 1}; stopped without saving this state ({where}). Lower learner.lr, enable "
                         "learner.clip, or check the rewards and the model's dtype.")
                 tokens = int(stats["tokens"])
-                if first_done:  # the first step of a call includes compilation
+                if not new_shape:  # steps that compiled a new bucket shape are not timed
                     timed_tokens += tokens
                     timed_seconds += time.perf_counter() - t_step
-                first_done = True
                 calib = metrics.add_sums(calib, stats["calibration"])
                 window["loss"] += float(stats["loss"])
                 window["grad_norm"] += float(stats["grad_norm"])
