@@ -121,6 +121,7 @@ def sample_and_grade(sampler, tokenizer, prompts: Sequence[Sequence[int]], golds
     """Draw ``n`` responses per prompt with ``sampler`` and grade them against ``golds``."""
     import jax  # the metric functions above do not need jax
 
+    match = grading.get_matcher(matcher)
     num = len(prompts)
     graded = Graded(*([[] for _ in range(num)] for _ in range(5)))
     chunks = range(0, num, problems_per_batch)
@@ -134,7 +135,7 @@ def sample_and_grade(sampler, tokenizer, prompts: Sequence[Sequence[int]], golds
             answer = grading.last_boxed(text)
             graded.responses[p].append(text)
             graded.answers[p].append(answer)
-            graded.correct[p].append(grading.get_matcher(matcher)(golds[p], answer))
+            graded.correct[p].append(match(golds[p], answer))
             graded.kl_traj[p].append(float(batch.kl_traj[row]))
             graded.lengths[p].append(int(batch.lengths[row]))
     return graded

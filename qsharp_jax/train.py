@@ -218,11 +218,26 @@ class QSharpRun:
                               "template (convert it with its tokenizer files).")
         _log(f"reference model loaded in {time.time() - t:.0f}s ({self.reference.config.num_params() / 1e6:.0f}M "
              f"params, mesh {dict(self.mesh.shape)})")
+        self.check_guide_tokenizer()
         self.train_problems, self.eval_problems = load_problem_sets(cfg)
         self.train_prompts = data.encode_prompts(self.tokenizer, self.train_problems)
         self.eval_prompts = data.encode_prompts(self.tokenizer, self.eval_problems)
         _log(f"{len(self.train_problems)} training problems, {len(self.eval_problems)} evaluation problems "
              f"({cfg.data.eval_split})")
+
+    def check_guide_tokenizer(self) -> None:
+        """Fail now, not after the first collection, if the guide cannot read the reference's ids."""
+        from qsharp_jax import learner as learner_lib, loader
+
+        guide_path = model_path(self.cfg.learner.guide.path)
+        if guide_path == model_path(self.cfg.reference.path):
+            return  # the same model: same tokenizer
+        guide_tokenizer = loader.load_tokenizer(guide_path)
+        if guide_tokenizer is None:
+            raise ConfigError(f"learner.guide.path={self.cfg.learner.guide.path!r} has no tokenizer to check "
+                              "against the reference's: convert it with its tokenizer files.")
+        learner_lib.check_same_tokenizer(guide_tokenizer, self.tokenizer, guide_path or "SmolLM2",
+                                         self.cfg.reference.path or "SmolLM2")
 
     # -- pieces ---------------------------------------------------------------------------
     def sampler(self, guide=None):
@@ -294,7 +309,7 @@ class QSharpRun:
         """Metrics of pi_ref (guide None) or pi_ref guided at eval.inv_eta; cached on disk."""
         import jax
 
-        path = os.path.join(self.out, "eval", f"{name}.json")
+        path = self._eval_path(name)
         if os.path.exists(path):
             _log(f"eval {name}: reusing {path}")
             return _read_json(path)
@@ -317,6 +332,18 @@ class QSharpRun:
         return metrics
 
     # -- Algorithm 1 ------------------------------------------------------------------------
+    def _eval_path(self, name: str) -> str:
+        return os.path.join(self.out, "eval", f"{name}.json")
+
+    def _guide_needed(self, iteration: int) -> bool:
+        """Whether iteration's guide is still used: for its evaluation or the next roll-in
+        (a resumed run whose later pieces are all saved skips rebuilding it)."""
+        cfg = self.cfg
+        evaluated = cfg.eval.every_iteration or iteration == cfg.collect.iterations
+        if evaluated and not os.path.exists(self._eval_path(f"qsharp_iter{iteration}")):
+            return True
+        return iteration < cfg.collect.iterations and not os.path.exists(collect.rollouts_path(self.out, iteration + 1))
+
     def run(self) -> dict[str, dict]:
         cfg = self.cfg
         results: dict[str, dict] = {}
@@ -325,7 +352,11 @@ class QSharpRun:
         per_iteration, guide = [], None
         for iteration in range(1, cfg.collect.iterations + 1):
             per_iteration.append(self.rollouts(iteration, guide))
-            guide = self.train_guide(iteration, collect.aggregate(per_iteration))
+            guide = None
+            if self._guide_needed(iteration):
+                guide = self.train_guide(iteration, collect.aggregate(per_iteration))
+            else:
+                _log(f"iteration {iteration}: guide not needed (its evaluation and the next rollouts are saved)")
             if cfg.eval.every_iteration or iteration == cfg.collect.iterations:
                 results[f"qsharp_iter{iteration}"] = self.evaluate(f"qsharp_iter{iteration}", guide)
         _write_json(os.path.join(self.out, "summary.json"), results)
@@ -333,14 +364,15 @@ class QSharpRun:
 
 
 def summary_table(results: dict[str, dict]) -> str:
-    """Plain-text table, one row per evaluated policy."""
-    columns = []
-    for metrics in results.values():
-        columns += [k for k in metrics if k not in columns and k not in ("seconds", "num_problems")]
+    """Plain-text table, one row per evaluated policy, metrics in a fixed order."""
+    keys = [k for m in results.values() for k in m if k not in ("seconds", "num_problems")]
+    first = ["pass@1"] + sorted(k for k in set(keys) if k.startswith("maj1@")) + \
+        sorted(k for k in set(keys) if k.startswith("pass@") and k != "pass@1") + ["kl", "mean_length", "inv_eta"]
+    columns = [k for k in first if k in keys] + sorted(set(keys) - set(first))
     header = ["policy"] + columns
     rows = [[name] + [f"{m[k]:.3f}" if k in m else "-" for k in columns] for name, m in results.items()]
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))
+    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 

@@ -13,12 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "gsm8k.py")
 
 
-def byte_chat_tokenizer():
+def byte_chat_tokenizer(specials=("<pad>", "<|im_start|>", "<|im_end|>")):
     """A byte-level tokenizer (259 ids) with a ChatML-style template, built in memory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
+    specials = list(specials)
     vocab = {s: i for i, s in enumerate(specials)}
     vocab.update({c: i + len(specials) for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -31,23 +31,25 @@ def byte_chat_tokenizer():
                                    bos_token="<|im_start|>", chat_template=template)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 1-layer random Llama over a byte-level vocabulary, converted with its tokenizer."""
+def write_tiny_model(out, tokenizer):
+    """A 1-layer random Llama over the tokenizer's vocabulary, converted with the tokenizer."""
     from flax import nnx
 
     from qsharp_jax import convert, model
     from qsharp_jax.model_config import ModelConfig
 
-    tokenizer = byte_chat_tokenizer()
     cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                       num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, rope_theta=10000.0,
                       tie_word_embeddings=True, max_position_embeddings=2048, bos_token_id=1,
                       eos_token_ids=(tokenizer.eos_token_id,))
     _, params = nnx.split(model.build(cfg, seed=0))
-    out = str(tmp_path_factory.mktemp("tiny") / "model")
     convert.write_checkpoint(out, cfg, params, param_dtype=np.float32, tokenizer=tokenizer)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), byte_chat_tokenizer())
 
 
 def smoke_config(model_dir, output_dir):
@@ -87,6 +89,25 @@ def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
     assert len(it1) == len(it2) == 4 and {r.iteration for r in it2} == {2}
     assert os.path.isdir(os.path.join(out, "guide", "iteration_2"))
 
-    # A rerun reuses rollouts, checkpoints and evaluations and returns the same numbers.
+    # A rerun reuses rollouts and evaluations; the one evaluation we delete is redone with the
+    # guide restored from its finished checkpoint, and gives the same numbers.
+    os.remove(os.path.join(out, "eval", "qsharp_iter2.json"))
     again = train.run(smoke_config(tiny_model_dir, out))
-    assert again == results
+    without_time = lambda r: {name: {k: v for k, v in m.items() if k != "seconds"} for name, m in r.items()}
+    assert without_time(again) == without_time(results)
+    assert again["qsharp_iter1"] == results["qsharp_iter1"]  # read back, not recomputed
+    log = capsys.readouterr().err
+    assert "iteration 1: guide not needed" in log and "iteration 2: guide trained on 8 examples" in log
+    assert "0 steps run" in log  # restored, not retrained
+
+
+def test_guide_with_another_tokenizer_fails_before_any_rollout(tiny_model_dir, tmp_path):
+    from qsharp_jax import train
+
+    other = write_tiny_model(str(tmp_path / "other"), byte_chat_tokenizer(("<|im_start|>", "<pad>", "<|im_end|>")))
+    cfg = smoke_config(tiny_model_dir, str(tmp_path / "run"))
+    with cfg.unlocked():
+        cfg.learner.guide.path = other
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        train.QSharpRun(cfg)
+    assert not os.path.exists(os.path.join(str(tmp_path / "run"), "rollouts"))
