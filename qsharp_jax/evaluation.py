@@ -141,12 +141,16 @@ def sample_and_grade(sampler, tokenizer, prompts: Sequence[Sequence[int]], golds
     return graded
 
 
-def evaluate(sampler, tokenizer, prompts: Sequence[Sequence[int]], golds: Sequence[str], *, n: int = 8, key,
-             temperature: float = 0.8, top_p: float = 0.9, inv_eta: float = 10.0, guided: bool = True,
-             matcher: str = "symbolic", rounds: int = 100, seed: int = 47, problems_per_batch: int = 8,
+def evaluate(sampler, tokenizer, problems: Sequence, *, n: int = 8, key, temperature: float = 0.8,
+             top_p: float = 0.9, inv_eta: float = 10.0, guided: bool = True, matcher: str = "symbolic",
+             rounds: int = 100, seed: int = 47, problems_per_batch: int = 8,
              progress: Callable | None = None) -> dict[str, float]:
-    """pass@1, maj1@n, pass@n, mean trajectory KL (and mean length) of the sampler's policy."""
-    graded = sample_and_grade(sampler, tokenizer, prompts, golds, n=n, key=key, temperature=temperature,
-                              top_p=top_p, inv_eta=inv_eta, guided=guided, matcher=matcher,
-                              problems_per_batch=problems_per_batch, progress=progress)
+    """pass@1, maj1@n, pass@n, mean trajectory KL (and mean length) of the sampler's policy on
+    ``problems`` (:class:`qsharp_jax.data.Problem`), prompted per spec 4.2."""
+    from qsharp_jax import data
+
+    graded = sample_and_grade(sampler, tokenizer, data.encode_prompts(tokenizer, problems),
+                              [p.answer for p in problems], n=n, key=key, temperature=temperature, top_p=top_p,
+                              inv_eta=inv_eta, guided=guided, matcher=matcher, problems_per_batch=problems_per_batch,
+                              progress=progress)
     return graded.metrics(matcher=matcher, rounds=rounds, seed=seed)

@@ -70,6 +70,15 @@ def test_mean_kl():
 
 
 class FakeTokenizer:
+    """Characters as ids; the "chat template" keeps only the problem's first character."""
+    chat_template = "fake"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return messages[0]["content"][len("Problem:\n\n")]
+
+    def __call__(self, text, add_special_tokens):
+        return {"input_ids": [ord(c) for c in text]}
+
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i == 0))
 
@@ -99,11 +108,12 @@ class FakeSampler:
 def test_evaluate_with_a_fake_sampler():
     import jax
 
+    from qsharp_jax.data import Problem
+
     sampler = FakeSampler()
-    prompts = [[ord(str(d))] for d in range(5)]
-    golds = [str(d) for d in range(5)]
-    golds[4] = "9"  # never right
-    metrics = evaluation.evaluate(sampler, FakeTokenizer(), prompts, golds, n=4, key=jax.random.key(0),
+    problems = [Problem(question=str(d), answer=str(d), solution="") for d in range(5)]
+    problems[4] = Problem(question="4", answer="9", solution="")  # never right
+    metrics = evaluation.evaluate(sampler, FakeTokenizer(), problems, n=4, key=jax.random.key(0),
                                   inv_eta=10.0, guided=True, problems_per_batch=2)
     assert [c["num"] for c in sampler.calls] == [2, 2, 1]
     assert metrics["pass@4"] == pytest.approx(0.8)
