@@ -117,6 +117,12 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
         if not fits:
             bad.append(f"mesh={dict(m)}: data x fsdp x tensor must equal the {num_devices} available devices "
                        "(set one axis to -1 to use the rest)")
+        else:  # training batches are split over data x fsdp: catch it now, not after collecting
+            resolved = [num_devices // known if x == -1 else x for x in sizes]
+            shards = resolved[0] * resolved[1]
+            if isinstance(cfg.learner.batch_size, int) and cfg.learner.batch_size % shards:
+                bad.append(f"learner.batch_size={cfg.learner.batch_size}: must be a multiple of mesh data x fsdp "
+                           f"= {shards}")
     try:
         learner_lib.validate_learner_config(cfg.learner)
     except ValueError as e:

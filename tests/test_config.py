@@ -83,6 +83,13 @@ def test_validation_names_the_bad_value(override, message):
     assert message in str(info.value)
 
 
+def test_learner_batch_must_split_over_the_mesh():
+    cfg = parse("--config.learner.batch_size=2")
+    train.validate_config(cfg, num_devices=2)
+    with pytest.raises(train.ConfigError, match="learner.batch_size=2: must be a multiple of mesh data x fsdp = 8"):
+        train.validate_config(cfg, num_devices=8)
+
+
 def test_validation_reports_every_problem_at_once():
     cfg = parse("--config.sampler.top_p=2.0", "--config.collect.iterations=0")
     with pytest.raises(train.ConfigError) as info:
