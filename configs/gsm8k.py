@@ -64,6 +64,7 @@ def _base() -> ml_collections.ConfigDict:
     c.collect = ml_collections.ConfigDict()
     c.collect.samples_per_problem = 16
     c.collect.iterations = 2
+    c.collect.problems_per_shard = 256  # rollouts are saved per shard: the unit of resumption
     c.collect.rollin_inv_eta = 10.0  # roll-in strength from iteration 2 on (unknown in the paper; = eval)
     c.collect.drop_no_variation = True
     c.collect.use_all_ref_tokens = True  # False: the "Single" ablation (cut token only)

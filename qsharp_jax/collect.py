@@ -12,8 +12,8 @@ One Q# iteration collects, for each training problem and each of n samples:
 :func:`create_classifier_data` turns rollouts into (input_ids, target_ids, reward, weight)
 examples: the guided prefix without its last token is the input, the cut token (plus the
 pi_ref continuation with ``use_all_ref_tokens``, the "Prefix = All" setting) is the target,
-and every target position is labelled R. Iterations aggregate by concatenation; each
-iteration's rollouts are saved as JSONL so a restarted job skips finished iterations.
+and every target position is labelled R. Iterations aggregate by concatenation; rollouts
+are saved as JSONL per (iteration, shard of problems) so a restarted job skips finished ones.
 """
 from __future__ import annotations
 
@@ -68,16 +68,19 @@ def _rows(batch, tokenizer) -> list[tuple[int, list[int], str]]:
 def collect_iteration(sampler, tokenizer, prompts: Sequence[Sequence[int]], questions: Sequence[str],
                       golds: Sequence[str], *, iteration: int, num_samples: int, key, guided: bool,
                       inv_eta: float, temperature: float = 0.8, top_p: float = 0.9, matcher: str = "symbolic",
-                      seed: int = 47, problems_per_batch: int = 8,
+                      seed: int = 47, shard: int = 0, problems_per_batch: int = 8,
                       progress: Callable[[Iterable], Iterable] | None = None) -> list[Rollout]:
-    """Rollouts of one Q# iteration: ``num_samples`` per problem, in (problem, sample) order."""
+    """Rollouts of one Q# iteration: ``num_samples`` per problem, in (problem, sample) order.
+
+    ``shard`` numbers a slice of an iteration's problems: each shard draws its own random
+    numbers, so shards can be collected (and resumed) independently."""
     import jax  # keep the data helpers below importable without jax
 
     match = grading.get_matcher(matcher)
-    # The cut indices come from a numpy stream seeded by (seed, iteration): reproducible and
-    # independent of how problems are batched.
-    rng = np.random.default_rng([seed, iteration])
-    roll_key, cont_key = jax.random.split(jax.random.fold_in(key, iteration))
+    # The cut indices come from a numpy stream seeded by (seed, iteration, shard): reproducible
+    # and independent of how problems are batched.
+    rng = np.random.default_rng([seed, iteration, shard])
+    roll_key, cont_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, iteration), shard))
     full: list[list] = [[] for _ in prompts]
     chunks = list(range(0, len(prompts), problems_per_batch))
     for chunk_index, start in enumerate(progress(chunks) if progress else chunks):
@@ -182,5 +185,6 @@ def load_rollouts(path: str | os.PathLike) -> list[Rollout]:
     return out
 
 
-def rollouts_path(output_dir: str, iteration: int) -> str:
-    return os.path.join(output_dir, "rollouts", f"iteration_{iteration}.jsonl")
+def rollouts_path(output_dir: str, iteration: int, shard: int = 0) -> str:
+    """Where one shard of an iteration's rollouts is saved."""
+    return os.path.join(output_dir, "rollouts", f"iteration_{iteration}", f"shard_{shard:05d}.jsonl")

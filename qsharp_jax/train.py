@@ -99,6 +99,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
 
     positive_int("collect.samples_per_problem")
     positive_int("collect.iterations")
+    positive_int("collect.problems_per_shard")
     need(cfg.collect.rollin_inv_eta >= 0, "collect.rollin_inv_eta", "must be >= 0")
     need(cfg.collect.max_length == -1 or cfg.collect.max_length >= 2, "collect.max_length", "must be -1 or >= 2")
 
@@ -260,30 +261,43 @@ class QSharpRun:
                                        batch_bucket=s.problems_per_batch)  # fixed batch shapes: fewer compiles
         return rollout.Sampler(self.reference.model, guide, config, mesh=self.mesh)
 
+    def num_shards(self) -> int:
+        return -(-len(self.train_problems) // self.cfg.collect.problems_per_shard)
+
+    def rollouts_saved(self, iteration: int) -> bool:
+        return all(os.path.exists(collect.rollouts_path(self.out, iteration, s)) for s in range(self.num_shards()))
+
     def rollouts(self, iteration: int, guide) -> list[collect.Rollout]:
-        """This iteration's rollouts, collected now or read back from an earlier run."""
+        """This iteration's rollouts: shards saved by an earlier run are read back, the others
+        collected now and saved one by one (a killed job loses at most one shard)."""
         import jax
 
-        path = collect.rollouts_path(self.out, iteration)
-        if os.path.exists(path):
-            rollouts = collect.load_rollouts(path)
-            _log(f"iteration {iteration}: reusing {len(rollouts)} rollouts from {path}")
-            return rollouts
         c, s = self.cfg.collect, self.cfg.sampler
         guided = iteration > 1
-        t = time.time()
-        rollouts = collect.collect_iteration(
-            self.sampler(guide if guided else None), self.tokenizer, self.train_prompts,
-            [p.question for p in self.train_problems], [p.answer for p in self.train_problems],
-            iteration=iteration, num_samples=c.samples_per_problem, key=jax.random.fold_in(self.key, 1),
-            guided=guided, inv_eta=c.rollin_inv_eta if guided else 0.0, temperature=s.temperature, top_p=s.top_p,
-            matcher=self.cfg.data.matcher, seed=self.cfg.seed, problems_per_batch=s.problems_per_batch,
-            progress=_progress(f"collect {iteration}"))
-        collect.save_rollouts(path, rollouts)
+        sampler = None
+        rollouts, reused, t = [], 0, time.time()
+        for shard in range(self.num_shards()):
+            path = collect.rollouts_path(self.out, iteration, shard)
+            if os.path.exists(path):
+                part = collect.load_rollouts(path)
+                reused += len(part)
+            else:
+                sampler = sampler or self.sampler(guide if guided else None)
+                lo, hi = shard * c.problems_per_shard, (shard + 1) * c.problems_per_shard
+                problems = self.train_problems[lo:hi]
+                part = collect.collect_iteration(
+                    sampler, self.tokenizer, self.train_prompts[lo:hi], [p.question for p in problems],
+                    [p.answer for p in problems], iteration=iteration, num_samples=c.samples_per_problem,
+                    key=jax.random.fold_in(self.key, 1), guided=guided, inv_eta=c.rollin_inv_eta if guided else 0.0,
+                    temperature=s.temperature, top_p=s.top_p, matcher=self.cfg.data.matcher, seed=self.cfg.seed,
+                    shard=shard, problems_per_batch=s.problems_per_batch,
+                    progress=_progress(f"collect {iteration} shard {shard + 1}/{self.num_shards()}"))
+                collect.save_rollouts(path, part)
+            rollouts += part
         correct = sum(r.response_correct for r in rollouts) / max(len(rollouts), 1)
         mean_reward = sum(r.reward for r in rollouts) / max(len(rollouts), 1)
-        _log(f"iteration {iteration}: collected {len(rollouts)} rollouts in {time.time() - t:.0f}s "
-             f"({'guided' if guided else 'pi_ref'} roll-in accuracy {correct:.3f}, mean reward {mean_reward:.3f})")
+        _log(f"iteration {iteration}: {len(rollouts)} rollouts ({reused} read back) in {time.time() - t:.0f}s; "
+             f"{'guided' if guided else 'pi_ref'} roll-in accuracy {correct:.3f}, mean reward {mean_reward:.3f}")
         return rollouts
 
     def train_guide(self, iteration: int, rollouts: list[collect.Rollout]):
@@ -348,7 +362,7 @@ class QSharpRun:
         evaluated = cfg.eval.every_iteration or iteration == cfg.collect.iterations
         if evaluated and not os.path.exists(self._eval_path(f"qsharp_iter{iteration}")):
             return True
-        return iteration < cfg.collect.iterations and not os.path.exists(collect.rollouts_path(self.out, iteration + 1))
+        return iteration < cfg.collect.iterations and not self.rollouts_saved(iteration + 1)
 
     def run(self) -> dict[str, dict]:
         cfg = self.cfg

@@ -114,11 +114,13 @@ def test_collect_iteration_cuts_continues_and_labels():
     assert sorted(cont_prompts) == sorted([1, 2] + r.prefix_ids for r in rollouts if r.cut < 4)
 
 
-def test_collect_is_reproducible():
+def test_collect_is_reproducible_and_shards_draw_their_own_cuts():
     args = dict(iteration=2, num_samples=3, key=jax.random.key(1), guided=True, inv_eta=10.0, matcher="strict")
     a = collect.collect_iteration(ScriptedSampler(), Tok(), [[1, 2]] * 4, list("abcd"), ["7"] * 4, **args)
     b = collect.collect_iteration(ScriptedSampler(), Tok(), [[1, 2]] * 4, list("abcd"), ["7"] * 4, **args)
     assert a == b
+    c = collect.collect_iteration(ScriptedSampler(), Tok(), [[1, 2]] * 4, list("abcd"), ["7"] * 4, shard=1, **args)
+    assert [r.cut for r in c] != [r.cut for r in a]
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -128,5 +130,5 @@ def test_save_and_load_round_trip(tmp_path):
     assert collect.load_rollouts(path) == rollouts
     with open(path, "a") as f:
         f.write('{"question": "c"}\n')
-    with pytest.raises(ValueError, match=r"iteration_1\.jsonl:3: rollout record misses keys"):
+    with pytest.raises(ValueError, match=r"iteration_1/shard_00000\.jsonl:3: rollout record misses keys"):
         collect.load_rollouts(path)

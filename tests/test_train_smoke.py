@@ -59,6 +59,7 @@ def smoke_config(model_dir, output_dir):
             "--config.sampler.max_new_tokens=6", "--config.sampler.k=4", "--config.sampler.problems_per_batch=2",
             "--config.sampler.prompt_bucket=512",  # one prompt-length bucket: fewer compiles
             "--config.collect.samples_per_problem=2", "--config.collect.iterations=2",
+            "--config.collect.problems_per_shard=1",
             "--config.eval.samples_per_problem=2", "--config.eval.pass_at_1_rounds=10",
             "--config.learner.max_steps=2", "--config.learner.batch_size=2", "--config.learner.buckets=(512,)",
             "--config.learner.progress_bar=False"]
@@ -84,21 +85,26 @@ def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
 
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["collect"]["iterations"] == 2
-    it1 = collect.load_rollouts(collect.rollouts_path(out, 1))
-    it2 = collect.load_rollouts(collect.rollouts_path(out, 2))
+    it1 = [r for s in range(2) for r in collect.load_rollouts(collect.rollouts_path(out, 1, s))]
+    it2 = [r for s in range(2) for r in collect.load_rollouts(collect.rollouts_path(out, 2, s))]
     assert len(it1) == len(it2) == 4 and {r.iteration for r in it2} == {2}
+    assert len({r.question for r in it1}) == 2  # one problem per shard
     assert os.path.isdir(os.path.join(out, "guide", "iteration_2"))
 
     # A rerun reuses rollouts and evaluations; the one evaluation we delete is redone with the
-    # guide restored from its finished checkpoint, and gives the same numbers.
+    # guide restored from its finished checkpoint, and gives the same numbers; a deleted shard
+    # of iteration-2 rollouts is collected again, identically.
     os.remove(os.path.join(out, "eval", "qsharp_iter2.json"))
+    os.remove(collect.rollouts_path(out, 2, 1))
     again = train.run(smoke_config(tiny_model_dir, out))
     without_time = lambda r: {name: {k: v for k, v in m.items() if k != "seconds"} for name, m in r.items()}
     assert without_time(again) == without_time(results)
     assert again["qsharp_iter1"] == results["qsharp_iter1"]  # read back, not recomputed
     log = capsys.readouterr().err
-    assert "iteration 1: guide not needed" in log and "iteration 2: guide trained on 8 examples" in log
-    assert "0 steps run" in log  # restored, not retrained
+    assert "iteration 1: guide trained on 4 examples" in log  # needed again for the lost shard's roll-in
+    assert "iteration 2: guide trained on 8 examples" in log and log.count("0 steps run") == 2  # restored
+    assert "iteration 2: 4 rollouts (2 read back)" in log
+    assert collect.load_rollouts(collect.rollouts_path(out, 2, 1)) == it2[2:]
 
 
 def test_guide_with_another_tokenizer_fails_before_any_rollout(tiny_model_dir, tmp_path):
