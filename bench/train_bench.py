@@ -9,9 +9,10 @@ number of steps. Reported: non-pad tokens per second over the timed steps (the f
 ``--warmup`` steps, which include compilation, are not timed).
 
 The JAX side runs the real entry point, ``learner.fit`` (host batching, jitted step, per-step
-NaN check), with bfloat16 compute and float32 master weights by default (the learner's
-training precision); the torch side runs float32 by default (``--torch-dtype bfloat16`` uses
-CPU autocast). Run:
+NaN check) and times every step except those that compiled; the torch side times the steps
+after ``--warmup``. Both compute in float32 by default (same precision: bfloat16 matmuls are
+slower than float32 on CPU); ``--jax-dtype bfloat16`` is the learner's TPU setting (float32
+master weights and AdamW state either way), ``--torch-dtype bfloat16`` uses CPU autocast. Run:
 
     python bench/train_bench.py                       # full size (slow on 2 cores)
     python bench/train_bench.py --layers 2 --batch 2 --seq 32 --steps 2   # smoke test
@@ -125,9 +126,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side (compilation)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed torch steps (JAX skips its compiling step)")
     p.add_argument("--layers", type=int, default=SMOLLM2["num_layers"], help="fewer for a smoke test")
-    p.add_argument("--jax-dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--jax-dtype", choices=("bfloat16", "float32"), default="float32")
     p.add_argument("--torch-dtype", choices=("bfloat16", "float32"), default="float32")
     p.add_argument("--only", choices=("jax", "torch"), default=None)
     args = p.parse_args(argv)

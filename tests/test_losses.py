@@ -125,3 +125,14 @@ def test_calibration_summary_hand_computed():
     np.testing.assert_allclose(s["ece"], (2 * 0.1 + 3 * abs(2.35 / 3 - 2 / 3)) / 5, rtol=1e-5)
     labels, preds = np.array([0, 0, 0, 1, 1]), np.array([0.05, 0.15, 0.95, 0.9, 0.5])
     np.testing.assert_allclose(s["explained_variance"], 1 - np.var(labels - preds) / np.var(labels), rtol=1e-5)
+
+
+def test_mean_and_variance_of_the_predicted_distribution():
+    logits = np.random.default_rng(2).normal(size=(4, 5)).astype(np.float32)
+    atoms = np.linspace(-1, 1, 5)
+    pmf = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    mean = pmf @ atoms
+    np.testing.assert_allclose(returns.categorical_mean(jnp.asarray(logits), returns.atoms(5, -1, 1)), mean, rtol=1e-5)
+    np.testing.assert_allclose(returns.categorical_variance(jnp.asarray(logits), returns.atoms(5, -1, 1)),
+                               pmf @ atoms ** 2 - mean ** 2, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(returns.bernoulli_variance(jnp.array(0.0)), 0.25)
