@@ -3,16 +3,17 @@
 Per iteration k = 1..K (Algorithm 1, spec 2):
 
 1. collect rollouts with the current policy (k = 1: pi_ref alone; later: pi_ref guided by
-   the guide of iteration k-1 at ``collect.rollin_inv_eta``), skipped if this iteration's
-   rollouts are already saved;
+   the guide of iteration k-1 at ``collect.rollin_inv_eta``); shards of problems whose
+   rollouts are already saved are read back instead;
 2. aggregate all iterations' rollouts and build classifier examples;
 3. train the guidance model from scratch on them (learner checkpoints resume);
 4. evaluate pi_ref guided by the new guide at ``eval.inv_eta`` on the evaluation problems
    (pass@1, maj1@n, pass@n, KL), next to the unguided pi_ref baseline.
 
-Everything lands in ``output_dir``: the effective config, rollouts per iteration, guide
-checkpoints per iteration, evaluation metrics per policy and a summary. A restarted job
-reuses all finished pieces.
+Everything lands in ``output_dir``: the effective config (``config.json``), rollouts per
+iteration and shard (``rollouts/``), guide checkpoints per iteration (``guide/``, or under
+``learner.checkpoint_dir`` when set), metrics and graded samples per policy (``eval/``) and
+``summary.json``. A restarted job reuses all finished pieces.
 """
 from __future__ import annotations
 
