@@ -138,10 +138,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from qsharp_jax.sharding import single_device_mesh
     from qsharp_jax.model_config import ModelConfig
 
-    cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1,
-                      num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True)  # = test_learner.TINY
     rng = np.random.default_rng(0)
-    examples = [batching.Example(list(rng.integers(1, 32, 3)), list(rng.integers(1, 32, 3)), float(i % 2))
+    examples = [batching.Example(list(rng.integers(1, 64, 3)), list(rng.integers(1, 64, 3)), float(i % 2))
                 for i in range(16)]
     c = learner.default_learner_config()
     c.update(dict(lr=1e-3, batch_size=4, epochs=1, buckets=(8,), seed=5, checkpoint_dir=str(tmp_path / "ck"),
