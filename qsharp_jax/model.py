@@ -21,6 +21,7 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qsharp_jax.model_config import ModelConfig
@@ -67,13 +68,14 @@ def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Arr
 
 
 def _param(rngs: nnx.Rngs, shape, axes, param_dtype, init="normal"):
+    # `init` is kept as metadata: `build` fills concrete values on the host from it.
     if init == "normal":
         value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
     elif init == "ones":
         value = jnp.ones(shape, jnp.float32)
     else:
         value = jnp.zeros(shape, jnp.float32)
-    return nnx.Param(value.astype(param_dtype), out_sharding=axes, eager_sharding=False)
+    return nnx.Param(value.astype(param_dtype), out_sharding=axes, eager_sharding=False, init=init)
 
 
 class RMSNorm(nnx.Module):
@@ -270,14 +272,34 @@ class Decoder(nnx.Module):
 
 
 def build(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rules=DEFAULT_RULES,
-          seed: int = 0) -> Decoder:
-    """A randomly initialised decoder (N(0, 0.02) weights, unit norms)."""
-    return Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rules=rules, rngs=nnx.Rngs(seed))
+          seed: int = 0, remat: bool = False) -> Decoder:
+    """A randomly initialised decoder (N(0, 0.02) weights, unit norms, zero biases).
+
+    Values are drawn on the host with numpy from the abstract model: initialising eagerly
+    in JAX compiles one small program per parameter shape, which costs seconds per model
+    on a CPU and dominated the test suite.
+    """
+    graphdef, state = nnx.split(abstract(cfg, dtype=dtype, param_dtype=param_dtype, rules=rules, remat=remat))
+    rng = np.random.default_rng(seed)
+
+    def fill(var: nnx.Variable) -> nnx.Variable:
+        shape, dt = var.get_value().shape, var.get_value().dtype
+        kind = var.get_metadata().get("init", "normal")
+        if kind == "normal":
+            value = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            value = np.full(shape, 1.0 if kind == "ones" else 0.0, np.float32)
+        return var.replace(jnp.asarray(value, dtype=dt))
+
+    state = jax.tree.map(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
 
 
-def abstract(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rules=DEFAULT_RULES) -> Decoder:
+def abstract(cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rules=DEFAULT_RULES,
+             remat: bool = False) -> Decoder:
     """The decoder with ShapeDtypeStruct leaves: no memory allocated (for loading big models)."""
-    return nnx.eval_shape(lambda: build(cfg, dtype=dtype, param_dtype=param_dtype, rules=rules))
+    return nnx.eval_shape(lambda: Decoder(cfg, dtype=dtype, param_dtype=param_dtype, rules=rules, remat=remat,
+                                          rngs=nnx.Rngs(0)))
 
 
 def forward_logits(model: Decoder, tokens, mask):
