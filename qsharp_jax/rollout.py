@@ -171,9 +171,11 @@ def decode(ref_graph, guide_graph, spec: _LoopSpec, ref_state, guide_state, ref_
             offset = guidance_offsets(guide, out, spec.guidance, knobs["inv_eta"])
             logits = ref_logits.at[rows, candidates].add(offset)  # other logits untouched
             guide_cache = _constrain_cache(guide_cache, guide.backbone.rules)
-        log_pi = sampling.sampling_log_probs(logits, knobs["temperature"], knobs["top_p"],
-                                             knobs["top_k"], knobs["greedy"])
         log_ref = sampling.reference_log_probs(ref_logits, knobs["temperature"])
+        # unguided, the policy starts from the same tempered softmax as the reference
+        tempered = sampling.reference_log_probs(logits, knobs["temperature"]) if spec.guided else log_ref
+        log_pi = sampling.policy_log_probs(logits, tempered, knobs["temperature"], knobs["top_p"],
+                                           knobs["top_k"], knobs["greedy"])
         token = sampling.sample(jax.random.fold_in(key, i), log_pi)
         active = ~done
         per_token = (

@@ -32,21 +32,26 @@ def sorted_nucleus(logits: np.ndarray, temperature: float, top_p: float, top_k: 
 @pytest.mark.parametrize("seed", range(6))
 def test_top_p_equals_sorted_nucleus(seed):
     rng = np.random.default_rng(seed)
-    logits = (rng.normal(size=(8, 3000)) * rng.uniform(0.5, 6)).astype(np.float32)
+    # rows from flat (nucleus of thousands: bisection) to peaked (nucleus within the top 128)
+    logits = (rng.normal(size=(8, 3000)) * rng.uniform(0.3, 8, size=(8, 1))).astype(np.float32)
+    sizes = set()
     for temperature, top_p in [(0.8, 0.9), (1.0, 0.5), (0.3, 0.99), (1.7, 0.05)]:
         log_p = np.asarray(log_probs_jit(jnp.asarray(logits), temperature, top_p))
-        np.testing.assert_array_equal(np.isfinite(log_p), sorted_nucleus(logits, temperature, top_p))
+        keep = sorted_nucleus(logits, temperature, top_p)
+        np.testing.assert_array_equal(np.isfinite(log_p), keep)
+        sizes.update(keep.sum(-1).tolist())
         # kept probabilities are the renormalised tempered softmax
         x = logits / temperature
         p = np.exp(x - x.max(-1, keepdims=True))
         p = np.where(np.isfinite(log_p), p, 0)
         np.testing.assert_allclose(np.exp(log_p), p / p.sum(-1, keepdims=True), atol=1e-6)
+    assert min(sizes) <= 128 < max(sizes)  # both the top-128 path and the bisection path ran
 
 
 def test_top_k_then_top_p_equals_sorted_reference():
     rng = np.random.default_rng(7)
     logits = (rng.normal(size=(6, 500)) * 3).astype(np.float32)
-    for top_k, top_p in [(1, 1.0), (5, 1.0), (40, 0.8), (499, 0.95)]:
+    for top_k, top_p in [(1, 1.0), (5, 1.0), (40, 0.8), (499, 0.95), (300, 0.5), (200, 0.999)]:
         log_p = np.asarray(log_probs_jit(jnp.asarray(logits), 0.9, top_p, top_k))
         np.testing.assert_array_equal(np.isfinite(log_p), sorted_nucleus(logits, 0.9, top_p, top_k))
 
@@ -57,7 +62,7 @@ def test_ties_at_the_nucleus_boundary_are_all_kept():
     logits = jnp.log(jnp.asarray([[0.2, 0.4, 0.2, 0.2]]))
     keep = np.isfinite(np.asarray(log_probs_jit(logits, 1.0, 0.5)))
     np.testing.assert_array_equal(keep, [[True, True, True, True]])
-    keep = np.isfinite(np.asarray(log_probs_jit(logits, 1.0, 0.4)))
+    keep = np.isfinite(np.asarray(log_probs_jit(logits, 1.0, 0.35)))
     np.testing.assert_array_equal(keep, [[False, True, False, False]])
 
 
