@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from qsharp_jax import grading
+from qsharp_jax.batching import Example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +47,9 @@ class Rollout:
         return self.response_ids[: self.cut + 1]
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassifierExample:
-    input_ids: list[int]
-    target_ids: list[int]
-    reward: float  # the rollout's reward-to-go R: the label of every target position
-    weight: float = 1.0
+# A classifier example is the learner's own example type: (input_ids, target_ids, reward R
+# labelling every target position, weight).
+ClassifierExample = Example
 
 
 # ---- collection ------------------------------------------------------------------------

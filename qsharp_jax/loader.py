@@ -72,7 +72,7 @@ def default_reference_path() -> str:
 
 
 def resolve_path(path: str | os.PathLike | None) -> str:
-    if path is None or (isinstance(path, str) and path.lower() == REFERENCE_NAME):
+    if path is None or (isinstance(path, str) and path.lower() in (REFERENCE_NAME, "")):
         return default_reference_path()
     return os.fspath(path)
 

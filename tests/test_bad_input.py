@@ -144,7 +144,7 @@ def test_failure_while_writing_leaves_nothing(tiny_hf_models, tmp_path, monkeypa
     src = tiny_hf_models("llama")
     out = tmp_path / "out"
 
-    def boom(cfg):
+    def boom(*_, **__):
         raise RuntimeError("disk full (simulated)")
 
     monkeypatch.setattr(convert, "to_hf_dict", boom)
