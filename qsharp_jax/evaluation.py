@@ -117,7 +117,7 @@ def response_texts(batch, tokenizer) -> list[str]:
 
 def sample_and_grade(sampler, tokenizer, prompts: Sequence[Sequence[int]], golds: Sequence[str], *, n: int, key,
                      temperature: float, top_p: float, inv_eta: float, guided: bool, matcher: str = "symbolic",
-                     problems_per_batch: int = 8, progress: Callable | None = None) -> Graded:
+                     extraction: str = "boxed", problems_per_batch: int = 8, progress: Callable | None = None) -> Graded:
     """Draw ``n`` responses per prompt with ``sampler`` and grade them against ``golds``."""
     import jax  # the metric functions above do not need jax
 
@@ -132,7 +132,7 @@ def sample_and_grade(sampler, tokenizer, prompts: Sequence[Sequence[int]], golds
         texts = response_texts(batch, tokenizer)
         for row, text in enumerate(texts):
             p = start + int(batch.prompt_index[row])
-            answer = grading.last_boxed(text)
+            answer = grading.extract_answer(text, extraction)
             graded.responses[p].append(text)
             graded.answers[p].append(answer)
             graded.correct[p].append(match(golds[p], answer))
@@ -143,7 +143,7 @@ def sample_and_grade(sampler, tokenizer, prompts: Sequence[Sequence[int]], golds
 
 def evaluate(sampler, tokenizer, problems: Sequence, *, n: int = 8, key, temperature: float = 0.8,
              top_p: float = 0.9, inv_eta: float = 10.0, guided: bool = True, matcher: str = "symbolic",
-             rounds: int = 100, seed: int = 47, problems_per_batch: int = 8,
+             extraction: str = "boxed", rounds: int = 100, seed: int = 47, problems_per_batch: int = 8,
              progress: Callable | None = None) -> dict[str, float]:
     """pass@1, maj1@n, pass@n, mean trajectory KL (and mean length) of the sampler's policy on
     ``problems`` (:class:`qsharp_jax.data.Problem`), prompted per spec 4.2."""
@@ -151,6 +151,7 @@ def evaluate(sampler, tokenizer, problems: Sequence, *, n: int = 8, key, tempera
 
     graded = sample_and_grade(sampler, tokenizer, data.encode_prompts(tokenizer, problems),
                               [p.answer for p in problems], n=n, key=key, temperature=temperature, top_p=top_p,
-                              inv_eta=inv_eta, guided=guided, matcher=matcher, problems_per_batch=problems_per_batch,
+                              inv_eta=inv_eta, guided=guided, matcher=matcher, extraction=extraction,
+                              problems_per_batch=problems_per_batch,
                               progress=progress)
     return graded.metrics(matcher=matcher, rounds=rounds, seed=seed)

@@ -14,8 +14,14 @@ from __future__ import annotations
 import functools
 import threading
 
+import re
+
 MATCHERS = ("symbolic", "strict")
+# "boxed" is the authors' rule. "boxed_or_last_number" falls back to the last number of the
+# response when nothing is boxed: small models (e.g. the SmolLM2-135M default) seldom box.
+EXTRACTIONS = ("boxed", "boxed_or_last_number")
 _BOXED = "\\boxed{"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def last_boxed(text: str | None) -> str:
@@ -37,6 +43,22 @@ def last_boxed(text: str | None) -> str:
             if depth == 0:
                 return text[begin:i]
     return ""
+
+
+def last_number(text: str | None) -> str:
+    """The last number in ``text`` with thousands separators removed ("" if none)."""
+    found = _NUMBER.findall(text or "")
+    return found[-1].replace(",", "") if found else ""
+
+
+def extract_answer(text: str | None, extraction: str = "boxed") -> str:
+    """The final answer of a generated response by the rule ``extraction`` (see EXTRACTIONS)."""
+    if extraction not in EXTRACTIONS:
+        raise ValueError(f"unknown answer extraction {extraction!r}; choose one of {EXTRACTIONS}.")
+    answer = last_boxed(text)
+    if not answer and extraction == "boxed_or_last_number":
+        answer = last_number(text)
+    return answer
 
 
 def strict_match(gold: str | None, pred: str | None) -> bool:
@@ -76,6 +98,6 @@ def get_matcher(name: str):
     raise ValueError(f"unknown answer matcher {name!r}; choose one of {MATCHERS}.")
 
 
-def is_correct(response_text: str, gold: str, matcher: str = "symbolic") -> bool:
-    """Whether the last boxed answer of a generated response matches the gold answer."""
-    return get_matcher(matcher)(gold, last_boxed(response_text))
+def is_correct(response_text: str, gold: str, matcher: str = "symbolic", extraction: str = "boxed") -> bool:
+    """Whether the extracted final answer of a generated response matches the gold answer."""
+    return get_matcher(matcher)(gold, extract_answer(response_text, extraction))

@@ -76,6 +76,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     d = cfg.data
     need(d.answer_format in data.ANSWER_FORMATS, "data.answer_format", f"must be one of {data.ANSWER_FORMATS}")
     need(d.matcher in grading.MATCHERS, "data.matcher", f"must be one of {grading.MATCHERS}")
+    need(d.answer_extraction in grading.EXTRACTIONS, "data.answer_extraction", f"must be one of {grading.EXTRACTIONS}")
     need(d.eval_split in ("test", "validation"), "data.eval_split", "must be 'test' or 'validation'")
     need(0.0 < d.validation_fraction < 1.0, "data.validation_fraction", "must be in (0, 1)")
     positive_int("data.num_train_problems", allow_all=True)
@@ -290,7 +291,8 @@ class QSharpRun:
                     sampler, self.tokenizer, self.train_prompts[lo:hi], [p.question for p in problems],
                     [p.answer for p in problems], iteration=iteration, num_samples=c.samples_per_problem,
                     key=jax.random.fold_in(self.key, 1), guided=guided, inv_eta=c.rollin_inv_eta if guided else 0.0,
-                    temperature=s.temperature, top_p=s.top_p, matcher=self.cfg.data.matcher, seed=self.cfg.seed,
+                    temperature=s.temperature, top_p=s.top_p, matcher=self.cfg.data.matcher,
+                    extraction=self.cfg.data.answer_extraction, seed=self.cfg.seed,
                     shard=shard, problems_per_batch=s.problems_per_batch,
                     progress=_progress(f"collect {iteration} shard {shard + 1}/{self.num_shards()}"))
                 collect.save_rollouts(path, part)
@@ -341,7 +343,7 @@ class QSharpRun:
             self.sampler(guide), self.tokenizer, self.eval_prompts, [p.answer for p in self.eval_problems],
             n=e.samples_per_problem, key=jax.random.fold_in(self.key, 2), temperature=s.temperature, top_p=s.top_p,
             inv_eta=e.inv_eta if guide is not None else 0.0, guided=guide is not None, matcher=self.cfg.data.matcher,
-            problems_per_batch=s.problems_per_batch, progress=_progress(f"eval {name}"))
+            extraction=self.cfg.data.answer_extraction, problems_per_batch=s.problems_per_batch, progress=_progress(f"eval {name}"))
         metrics = graded.metrics(matcher=self.cfg.data.matcher, rounds=e.pass_at_1_rounds, seed=self.cfg.seed)
         metrics["inv_eta"] = e.inv_eta if guide is not None else 0.0
         metrics["seconds"] = time.time() - t

@@ -72,3 +72,18 @@ def test_is_correct_and_unknown_matcher():
     assert not grading.is_correct("the answer is 0.5", "0.5")
     with pytest.raises(ValueError, match="unknown answer matcher"):
         grading.get_matcher("fuzzy")
+
+
+def test_extraction_falls_back_to_the_last_number_only_when_asked():
+    from qsharp_jax import grading
+
+    text = "She pays 3 * 4 = 12 dollars, so the answer is 1,250 bolts."
+    assert grading.extract_answer(text, "boxed") == ""
+    assert grading.extract_answer(text, "boxed_or_last_number") == "1250"
+    boxed = "Total 7, so \\boxed{12}. Check: 12 - 5 = 7"
+    assert grading.extract_answer(boxed, "boxed_or_last_number") == "12"  # a boxed answer wins
+    assert grading.extract_answer("no digits here", "boxed_or_last_number") == ""
+    assert grading.is_correct(text, "1250", extraction="boxed_or_last_number")
+    assert not grading.is_correct(text, "1250")
+    with pytest.raises(ValueError, match="unknown answer extraction 'last'"):
+        grading.extract_answer(text, "last")
