@@ -44,7 +44,7 @@ from flax import nnx
 from qsharp_jax import guidance_model, loader
 from qsharp_jax.generate import truncate_layers
 from qsharp_jax.model_config import ModelConfig
-from qsharp_jax.rollout import Sampler, SamplerConfig, decode_jit, prefill_jit
+from qsharp_jax.rollout import Sampler, SamplerConfig, decode_jit
 
 BASELINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "baselines")
 # The peer baselines' sixteen GSM8K-style questions (so both sides see the same prompts).
@@ -128,18 +128,6 @@ def timed(fn, runs: int) -> tuple[float, list[float]]:
     return warm, times
 
 
-def prefill_seconds(sampler: Sampler, prompts, max_new: int, guided: bool, runs: int = 2) -> float:
-    tokens, mask = sampler.pad_prompts(prompts)
-    graph = sampler.guide_graph if guided else None
-    state = sampler.guide_state if guided else None
-
-    def run():
-        jax.block_until_ready(prefill_jit(sampler.ref_graph, graph, 1, max_new, sampler.ref_state, state,
-                                          jnp.asarray(tokens), jnp.asarray(mask)))
-
-    return statistics.median(timed(run, runs)[1])
-
-
 def sampling_run(sampler, prompts, args, *, guided: bool, seed: int = 0, inv_eta: float = 10.0,
                  temperature: float = 0.8):
     out = sampler.generate(prompts, key=jax.random.key(seed), temperature=temperature, top_p=0.9,
@@ -149,12 +137,21 @@ def sampling_run(sampler, prompts, args, *, guided: bool, seed: int = 0, inv_eta
 
 
 def measure(name: str, sampler, prompts, args, *, guided: bool, flops_per_step: float | None = None) -> dict:
+    """Medians over runs of the total time (prefill + decode, as tok/s) and of the decode
+    loop alone (per step; the sampler times prefill and decode apart)."""
     batch = len(prompts)
-    warm, times = timed(lambda: sampling_run(sampler, prompts, args, guided=guided), args.runs)
+    timings = []
+
+    def run():
+        sampling_run(sampler, prompts, args, guided=guided)
+        timings.append(dict(sampler.last_timings))
+
+    warm, times = timed(run, args.runs)
+    timed_runs = timings[1:]
     med = statistics.median(times)
-    prefill = prefill_seconds(sampler, prompts, args.max_new, guided)
-    step = max(med - prefill, 1e-9) / args.max_new
-    res = {"name": name, "batch": batch, "times_s": times, "time_median_s": med,
+    prefill = statistics.median(t["prefill"] for t in timed_runs)
+    step = statistics.median(t["decode"] for t in timed_runs) / args.max_new
+    res = {"name": name, "batch": batch, "times_s": times, "time_median_s": med, "timings": timed_runs,
            "tok_per_s_median": batch * args.max_new / med, "warmup_s": warm, "compile_s_approx": warm - med,
            "prefill_s": prefill, "decode_step_ms": 1e3 * step}
     if flops_per_step:

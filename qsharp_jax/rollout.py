@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import Any, Sequence
 
 import jax
@@ -242,6 +243,7 @@ class Sampler:
                 check_model_fits(guide.cfg, mesh, self.guide_rules, name="guide")
                 guide_state = jax.device_put(guide_state, state_shardings(guide_state, mesh, self.guide_rules))
         self.ref_state, self.guide_state = ref_state, guide_state
+        self.last_timings: dict = {}  # seconds of the last generate: prefill, decode, total
 
     # -- helpers -------------------------------------------------------------------------
     def _mesh_context(self):
@@ -295,15 +297,20 @@ class Sampler:
         stop_ids[:len(cfg.stop_ids)] = cfg.stop_ids
         guide_graph = self.guide_graph if guided else None
         guide_state = self.guide_state if guided else None
+        start = time.perf_counter()
         with self._mesh_context():
             ref_cache, guide_cache = prefill_jit(self.ref_graph, guide_graph, n, cfg.max_new_tokens,
                                                  self.ref_state, guide_state,
                                                  self._put_batch(tokens), self._put_batch(mask))
+            jax.block_until_ready(ref_cache.index)  # only to time prefill apart from decode
+            prefilled = time.perf_counter()
             steps, lengths, outs, _, _ = decode_jit(self.ref_graph, guide_graph, spec, self.ref_state, guide_state,
                                               ref_cache, guide_cache, self._put_batch(newest),
                                               self._put_batch(position), key, knobs, stop_ids,
                                               np.int32(cfg.pad_id))
         steps, lengths, outs = jax.device_get((steps, lengths, outs))
+        end = time.perf_counter()
+        self.last_timings = dict(prefill=prefilled - start, decode=end - prefilled, total=end - start)
         keep = len(prompts) * n  # rows of filler prompts come last
         out_tokens, logp_policy, logp_ref, kl_token = (np.asarray(o[:keep]) for o in outs)
         return RolloutBatch(tokens=out_tokens, lengths=np.asarray(lengths[:keep]), logp_policy=logp_policy,
