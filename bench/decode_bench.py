@@ -220,7 +220,7 @@ def run_hf_baselines(args, model, cfg, tokenizer, out_dir: str) -> dict:
     results = {}
     jobs = {"hf_generate": ["hf_generate_bench.py", "--batches", *map(str, args.batches)],
             "hf_guided": ["hf_guided_bench.py", "--batches", str(args.guided_batch), "--k", str(args.k),
-                          "--mode", "fused", "--no-verify"]}
+                          "--mode", args.hf_guided_mode, "--no-verify"]}
     for name, cmd in jobs.items():
         out = os.path.join(out_dir, f"{name}.json")
         full = [sys.executable, *cmd[:1], *cmd[1:], "--max-new", str(args.max_new), "--runs", str(args.runs),
@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 1 run, batches 1 16")
     ap.add_argument("--hf", action="store_true", help="also run the transformers peer baselines")
     ap.add_argument("--hf-dir", default=None, help="HF folder of the same model (default: export one)")
+    ap.add_argument("--hf-guided-mode", choices=("two_pass", "fused"), default="two_pass",
+                    help="the authors'-way baseline's candidate pass (its own default: two_pass)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.quick:

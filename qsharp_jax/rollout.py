@@ -86,14 +86,22 @@ def _constrain_cache(cache: KVCache, rules) -> KVCache:
 def _prefill_one(model, tokens, mask, cache_len: int, n: int):
     """Cache [B*n rows] holding tokens[:, :-1] (each prompt's rows repeated n times)."""
     b, length = tokens.shape
-    cache = init_cache(model.cfg, b, cache_len, model.dtype)
+    # prefill into a cache that just fits the prompt (attention does not scan the empty
+    # decode slots), then grow it to cache_len and repeat rows in one pass
+    cache = init_cache(model.cfg, b, max(length - 1, 1), model.dtype)
     if length > 1:
         ctx, ctx_mask = tokens[:, :-1], mask[:, :-1]
         _, cache = model(ctx, positions_from_mask(ctx_mask), token_mask=ctx_mask, cache=cache)
-    if n > 1:  # n samples per prompt share one prefill
-        cache = KVCache(k=[jnp.repeat(x, n, axis=0) for x in cache.k],
-                        v=[jnp.repeat(x, n, axis=0) for x in cache.v],
-                        mask=jnp.repeat(cache.mask, n, axis=0), index=cache.index)
+    extra = cache_len - cache.length
+
+    def grow(x, length_axis):
+        x = jnp.repeat(x, n, axis=0) if n > 1 else x  # n samples per prompt share one prefill
+        pad = [(0, 0)] * x.ndim
+        pad[length_axis] = (0, extra)
+        return jnp.pad(x, pad)
+
+    cache = KVCache(k=[grow(x, 2) for x in cache.k], v=[grow(x, 2) for x in cache.v],
+                    mask=grow(cache.mask, 1), index=jnp.asarray(length - 1, jnp.int32))
     return _constrain_cache(cache, model.rules)
 
 
