@@ -366,6 +366,9 @@ def main(argv=None) -> int:
         if "ours_over_hf_guided" in r:
             extra += f"; {r['ours_over_hf_guided']:.2f}x authors' way"
         print(f"| {key} | {r['batch']} | {r['tok_per_s_median']:.1f} | {r['decode_step_ms']:.1f} | {extra} |")
+    for name in ("hf_generate", "hf_guided"):
+        for r in results.get("hf", {}).get(name, {}).get("runs", []):
+            print(f"| {name} (transformers) | {r['batch']} | {r['tok_per_s_median']:.1f} | | |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=float)
