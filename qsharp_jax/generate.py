@@ -7,7 +7,8 @@
 an HF folder, a .gguf, or ``smollm2`` for the packaged SmolLM2-135M-Instruct). The guide is
 a decoder backbone plus a fresh head (``--guide-head v|q``, ``--guide-head-init zero|normal``);
 ``--guide-layers N`` keeps only its first N layers (a cheap small guide). Trained guidance
-checkpoints from the learner are not read here yet.
+checkpoints from the learner are read with ``--guide-checkpoint DIR`` (head and backbone
+as trained).
 
 eta is the paper's KL weight (``--eta 0.1``); ``--inv-eta`` is the authors' ``eta`` (= 1/eta, 10).
 Prints each completion, a progress bar over batches and the generated tokens/s.
@@ -63,7 +64,10 @@ def stop_ids_of(tokenizer, cfg) -> tuple:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", default="smollm2", help="reference model path (or 'smollm2')")
-    ap.add_argument("--guide", default=None, help="guide backbone path (reference-style model)")
+    guide_src = ap.add_mutually_exclusive_group()
+    guide_src.add_argument("--guide", default=None, help="guide backbone path (reference-style model) + a fresh head")
+    guide_src.add_argument("--guide-checkpoint", default=None,
+                           help="a trained guide: the learner's checkpoint dir (e.g. runs/.../guide/iteration_2)")
     ap.add_argument("--guide-head", choices=guidance_model.KINDS, default="v")
     ap.add_argument("--guide-distribution", choices=guidance_model.DISTRIBUTIONS, default="bernoulli")
     ap.add_argument("--guide-head-init", choices=("zero", "normal"), default="normal")
@@ -101,7 +105,12 @@ def main(argv=None) -> int:
     if ref.tokenizer is None:
         raise SystemExit(f"{args.ref} has no tokenizer: pass a model folder/GGUF that carries one.")
     guide = None
-    if args.guide:
+    if args.guide_checkpoint:
+        from qsharp_jax.learner import load_trained_guide
+
+        guide = load_trained_guide(args.guide_checkpoint)
+        args.guide_head, args.guide_distribution = guide.head_cfg.kind, guide.head_cfg.distribution
+    elif args.guide:
         guide = build_guide(args.guide, kind=args.guide_head, distribution=args.guide_distribution,
                             init=args.guide_head_init, layers=args.guide_layers, dtype=dtype, seed=args.seed)
     tok = ref.tokenizer

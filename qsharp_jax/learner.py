@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
+import os
 import time
 from typing import Any, Iterable, Sequence
 
@@ -28,6 +30,7 @@ from jax.sharding import Mesh
 from qsharp_jax import batching, checkpointing, losses, metrics, train_step as ts
 from qsharp_jax.guidance_model import DISTRIBUTIONS, INITS, KINDS, GuidanceModel, HeadConfig
 from qsharp_jax.guidance_model import build as build_head
+from qsharp_jax.model_config import ModelConfig
 from qsharp_jax.sharding import DEFAULT_RULES, check_model_fits, make_mesh
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -359,3 +362,49 @@ def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effectiv
             ckpt.close()  # waits for pending (good) saves
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds > 0 else float("nan")
     return state, total_steps - start, tokens_per_s, history
+
+
+# ---- reading a trained guide back -------------------------------------------------------
+
+def load_trained_guide(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | None = None,
+                       rules: Iterable = DEFAULT_RULES) -> GuidanceModel:
+    """The guidance model saved by :func:`fit` in ``checkpoint_dir`` (latest step by default).
+
+    The model is rebuilt abstractly from the effective config saved beside the checkpoints
+    (backbone architecture, dtypes, head), so the backbone's source weights are not needed.
+    """
+    from qsharp_jax import model as model_lib
+
+    path = os.path.join(os.path.abspath(checkpoint_dir), checkpointing.CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: pass a learner.checkpoint_dir written by the learner "
+                                "(it holds effective_config.json and numbered step folders).")
+    with open(path) as f:
+        effective = json.load(f)
+    cfg = ml_collections.ConfigDict(effective["learner"])
+    model_cfg = ModelConfig.from_json_dict(effective["model_config"])
+    dtypes = effective["model_dtypes"]
+    rules = tuple(rules)
+    mesh = make_mesh(data=1, fsdp=-1, tensor=1) if mesh is None else mesh
+    check_model_fits(model_cfg, mesh, rules, name="guidance model")
+
+    def make():
+        backbone = model_lib.Decoder(model_cfg, dtype=jnp.dtype(dtypes["compute"]),
+                                     param_dtype=jnp.dtype(dtypes["params"]), rules=rules, rngs=nnx.Rngs(0))
+        return build_head(backbone, head_config(cfg), seed=0)
+
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(make))
+    # The optimizer only shapes the restore target: the same structure fit() saved.
+    schedule = ts.learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.schedule, effective["total_steps"],
+                                         cfg.end_lr_factor)
+    tx = ts.make_optimizer(schedule, weight_decay=cfg.weight_decay, clip=cfg.clip, b1=cfg.adam_b1,
+                           b2=cfg.adam_b2, eps=cfg.adam_eps)
+    with jax.set_mesh(mesh):
+        abstract = jax.eval_shape(lambda p: ts.init_train_state(p, tx, cfg.seed), abstract_params)
+        target = checkpointing.restore_target(abstract, ts.train_state_shardings(abstract, mesh, rules))
+        ckpt = checkpointing.Checkpointer(checkpoint_dir, async_save=False)
+        try:
+            state, _, _ = ckpt.restore(target, step)
+        finally:
+            ckpt.close()
+    return nnx.merge(graphdef, state.params)

@@ -109,16 +109,27 @@ def test_tiny_guidance_model_learns_a_labelling_rule(tmp_path):
     assert np.all((p > 0.5) == (labels > 0.5)), (p, labels)
 
 
-def test_categorical_q_type_learns_the_rule_too():
+def test_categorical_q_type_learns_the_rule_too(tmp_path):
     guide = guidance_model.build(model.build(TINY), guidance_model.HeadConfig(kind="q", distribution="categorical",
                                                                               num_atoms=5, init="zero"), seed=0)
     c = learner.default_learner_config()
     c.update(dict(loss_type="categorical", lr=3e-3, clip=0.0, batch_size=16, epochs=10, buckets=(16,),
-                  log_every=10, progress_bar=False, compute_dtype="float32"))
+                  log_every=10, progress_bar=False, compute_dtype="float32", checkpoint_dir=str(tmp_path / "ckpt"),
+                  save_every=1000))
     c.guide.head.update(dict(kind="q", distribution="categorical", num_atoms=5, init="zero"))
     result = learner.fit(guide, rule_examples(128), c)
     first, last = result.history[0]["loss"], result.history[-1]["loss"]
     assert last < first / 3, result.history  # CE over 5 atoms starts at ln 5 ~ 1.61
+
+    # The trained guide reads back from its checkpoint dir alone (no backbone source needed).
+    restored = learner.load_trained_guide(str(tmp_path / "ckpt"))
+    assert restored.head_cfg == result.model.head_cfg and restored.cfg == TINY
+    batch = batching.collate(rule_examples(4, seed=7), 16)
+    want, mask = train_step.predictions(result.model, batch)
+    got, _ = train_step.predictions(restored, batch)
+    np.testing.assert_array_equal(np.asarray(got)[np.asarray(mask)], np.asarray(want)[np.asarray(mask)])
+    with pytest.raises(FileNotFoundError, match="effective_config.json"):
+        learner.load_trained_guide(str(tmp_path))
 
 
 # ---- errors ------------------------------------------------------------------------------------
