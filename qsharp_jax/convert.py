@@ -20,6 +20,7 @@ half-written DIR behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -218,16 +219,36 @@ def _commit(tmp: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_output(out: str, overwrite: bool = False):
+    """Yield a temp sibling dir that becomes ``out`` only if the block finishes: an error
+    leaves neither a half-written ``out`` nor the temp dir behind."""
+    _check_out(out, overwrite)
+    tmp = _fresh_tmp(out)
+    try:
+        os.makedirs(tmp)
+        yield tmp
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_hf_metadata(folder: str, cfg: ModelConfig, dtype_name: str, tokenizer=None) -> None:
+    """HF ``config.json`` (weights stored as ``dtype_name``) and the tokenizer files."""
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(to_hf_dict(cfg, dtype=dtype_name), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def write_checkpoint(out: str, cfg: ModelConfig, params, *, param_dtype, tokenizer=None, source: str = "",
                      overwrite: bool = False) -> None:
     """Write params (Orbax), configs and tokenizer to ``out`` atomically."""
     import orbax.checkpoint as ocp
 
     out = os.path.abspath(os.fspath(out))
-    _check_out(out, overwrite)
-    tmp = _fresh_tmp(out)
-    try:
-        os.makedirs(tmp)
+    with staged_output(out, overwrite) as tmp:
         # Synchronous save: nothing to overlap with here, and async would first copy every
         # param to a host buffer (+~30% peak RSS on a CPU host).
         ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
@@ -237,15 +258,7 @@ def write_checkpoint(out: str, cfg: ModelConfig, params, *, param_dtype, tokeniz
                 "model_config": cfg.to_json_dict()}
         with open(os.path.join(tmp, QSHARP_CONFIG), "w") as f:
             json.dump(meta, f, indent=2)
-        hf = to_hf_dict(cfg, dtype=np.dtype(param_dtype).name)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_hf_metadata(tmp, cfg, np.dtype(param_dtype).name, tokenizer)
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
 import jax
@@ -20,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from qsharp_jax import weights
-from qsharp_jax.convert import _check_out, _commit, _flat_by_path, _fresh_tmp
-from qsharp_jax.model_config import ModelConfig, to_hf_dict
+from qsharp_jax.convert import _flat_by_path, staged_output, write_hf_metadata
+from qsharp_jax.model_config import ModelConfig
 
 _INDEX = "model.safetensors.index.json"
 
@@ -40,11 +39,8 @@ def export_hf(out: str | os.PathLike, model_or_params, config: ModelConfig, *, t
     from safetensors.numpy import save_file
 
     out = os.path.abspath(os.fspath(out))
-    _check_out(out, overwrite)
     params = _params_by_path(model_or_params)
-    tmp = _fresh_tmp(out)
-    try:
-        os.makedirs(tmp)
+    with staged_output(out, overwrite) as tmp:
         shards, current, size = [], {}, 0
 
         def flush():
@@ -83,15 +79,7 @@ def export_hf(out: str | os.PathLike, model_or_params, config: ModelConfig, *, t
             with open(os.path.join(tmp, _INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
-        hf = to_hf_dict(config, dtype=np.dtype(stored_dtype).name)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_hf_metadata(tmp, config, np.dtype(stored_dtype).name, tokenizer)
     return out
 
 
