@@ -23,6 +23,7 @@ What is measured, each as the median of ``--runs`` timed calls after one warm-up
 7. with ``--hf``: ``../shared/baselines/hf_generate_bench.py`` and ``hf_guided_bench.py`` in
    subprocesses on an HF export of the same weights (``--hf-dir``, or exported here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qsharp_jax import guidance_model, loader
+from qsharp_jax.checkpoints import loader
 from qsharp_jax.generate import truncate_layers
-from qsharp_jax.model_config import ModelConfig
-from qsharp_jax.rollout import Sampler, SamplerConfig, decode_jit
+from qsharp_jax.guidance import model as guidance_model
+from qsharp_jax.models.config import ModelConfig
+from qsharp_jax.rollout.engine import decode_jit
+from qsharp_jax.rollout.sampler import Sampler
+from qsharp_jax.rollout.state import SamplerConfig
 
 BASELINES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "baselines")
 # The peer baselines' sixteen GSM8K-style questions (so both sides see the same prompts).
@@ -53,9 +57,10 @@ SUFFIX = " Think step by step and give the final answer after ####."
 
 def baseline_questions() -> list[str]:
     path = os.path.join(BASELINES, "hf_generate_bench.py")
-    src = open(path).read()
+    with open(path) as f:
+        src = f.read()
     namespace: dict = {}
-    exec(src[src.index("QUESTIONS = ["):src.index("def build_prompts")], namespace)  # data only, no torch
+    exec(src[src.index("QUESTIONS = [") : src.index("def build_prompts")], namespace)  # data only, no torch
     return namespace["QUESTIONS"]
 
 
@@ -71,13 +76,15 @@ def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
 
 # ---- FLOP and byte model ---------------------------------------------------------------------
 
+
 def attention_flops(cfg: ModelConfig, context: int) -> float:
     """Score + value FLOPs of one query token over ``context`` keys, all layers."""
     return 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
 
 
-def step_flops(ref: ModelConfig, batch: int, context: int, guide: ModelConfig | None = None,
-               kind: str = "v", k: int = 20) -> float:
+def step_flops(
+    ref: ModelConfig, batch: int, context: int, guide: ModelConfig | None = None, kind: str = "v", k: int = 20
+) -> float:
     """FLOPs of one decode step: the reference (with LM head) on ``batch`` tokens, plus the
     guide on batch * (1 + k) tokens (V-type) or batch tokens + k head columns (Q-type)."""
     total = batch * (ref.matmul_flops_per_token(lm_head=True) + attention_flops(ref, context))
@@ -88,9 +95,17 @@ def step_flops(ref: ModelConfig, batch: int, context: int, guide: ModelConfig | 
     return total
 
 
-def roofline_step_seconds(cfg: ModelConfig, batch: int, tokens_per_row: int, context: int, *,
-                          peak_flops: float, bandwidth: float, bytes_per_param: int = 2,
-                          lm_head: bool = True) -> float:
+def roofline_step_seconds(
+    cfg: ModelConfig,
+    batch: int,
+    tokens_per_row: int,
+    context: int,
+    *,
+    peak_flops: float,
+    bandwidth: float,
+    bytes_per_param: int = 2,
+    lm_head: bool = True,
+) -> float:
     """One model's decode step on an accelerator: max(compute time, memory time), where
     compute = 2 * params_touched * tokens + attention, and memory = all weights once
     (bf16) + the KV cache of every row read once (K and V, bf16) + that of the probe tokens."""
@@ -115,6 +130,7 @@ def tpu_prediction(ref: ModelConfig, guide: ModelConfig, batch: int = 16, k: int
 
 # ---- measurements ------------------------------------------------------------------------------
 
+
 def timed(fn, runs: int) -> tuple[float, list[float]]:
     """(warm-up seconds, timed seconds): one warm-up call, then ``runs`` calls."""
     t = time.perf_counter()
@@ -128,10 +144,12 @@ def timed(fn, runs: int) -> tuple[float, list[float]]:
     return warm, times
 
 
-def sampling_run(sampler, prompts, args, *, guided: bool, seed: int = 0, inv_eta: float = 10.0,
-                 temperature: float = 0.8):
-    out = sampler.generate(prompts, key=jax.random.key(seed), temperature=temperature, top_p=0.9,
-                           inv_eta=inv_eta, guided=guided)
+def sampling_run(
+    sampler, prompts, args, *, guided: bool, seed: int = 0, inv_eta: float = 10.0, temperature: float = 0.8
+):
+    out = sampler.generate(
+        prompts, key=jax.random.key(seed), temperature=temperature, top_p=0.9, inv_eta=inv_eta, guided=guided
+    )
     assert out.steps == args.max_new and np.all(out.lengths == args.max_new), "no early stops expected"
     return out
 
@@ -151,21 +169,34 @@ def measure(name: str, sampler, prompts, args, *, guided: bool, flops_per_step: 
     med = statistics.median(times)
     prefill = statistics.median(t["prefill"] for t in timed_runs)
     step = statistics.median(t["decode"] for t in timed_runs) / args.max_new
-    res = {"name": name, "batch": batch, "times_s": times, "time_median_s": med, "timings": timed_runs,
-           "tok_per_s_median": batch * args.max_new / med, "warmup_s": warm, "compile_s_approx": warm - med,
-           "prefill_s": prefill, "decode_step_ms": 1e3 * step}
+    res = {
+        "name": name,
+        "batch": batch,
+        "times_s": times,
+        "time_median_s": med,
+        "timings": timed_runs,
+        "tok_per_s_median": batch * args.max_new / med,
+        "warmup_s": warm,
+        "compile_s_approx": warm - med,
+        "prefill_s": prefill,
+        "decode_step_ms": 1e3 * step,
+    }
     if flops_per_step:
         res["step_gflop"] = flops_per_step / 1e9
         res["achieved_gflop_s"] = flops_per_step / step / 1e9
-    print(f"  {name:38s} batch {batch:3d}: {res['tok_per_s_median']:7.1f} tok/s  step {res['decode_step_ms']:6.1f} ms"
-          f"  prefill {prefill:5.2f}s  warm-up {warm:5.1f}s"
-          + (f"  {res['achieved_gflop_s']:.1f} GFLOP/s" if flops_per_step else ""), flush=True)
+    print(
+        f"  {name:38s} batch {batch:3d}: {res['tok_per_s_median']:7.1f} tok/s  step {res['decode_step_ms']:6.1f} ms"
+        f"  prefill {prefill:5.2f}s  warm-up {warm:5.1f}s"
+        + (f"  {res['achieved_gflop_s']:.1f} GFLOP/s" if flops_per_step else ""),
+        flush=True,
+    )
     return res
 
 
 def matmul_rate(ref_model, guide_backbone, batch: int, k: int, runs: int) -> dict:
     """This machine's dense-matmul FLOP/s for the GEMMs of one guided V-type step, same weights:
     the reference's projections and LM head at M = batch, the guide's at M = batch * (1 + k)."""
+
     def gemms(model):
         for block in model.layers:
             a, m = block.attn, block.mlp
@@ -193,8 +224,11 @@ def matmul_rate(ref_model, guide_backbone, batch: int, k: int, runs: int) -> dic
     flops += sum(2 * batch * (1 + k) * w.shape[0] * w.shape[1] for w in guide_w)
     _, times = timed(lambda: jax.block_until_ready(run(ref_w, guide_w)), max(3, runs))
     med = statistics.median(times)
-    print(f"  dense matmuls of one guided step (same shapes/weights): {flops / med / 1e9:.1f} GFLOP/s "
-          f"({1e3 * med:.1f} ms for {flops / 1e9:.1f} GFLOP)", flush=True)
+    print(
+        f"  dense matmuls of one guided step (same shapes/weights): {flops / med / 1e9:.1f} GFLOP/s "
+        f"({1e3 * med:.1f} ms for {flops / 1e9:.1f} GFLOP)",
+        flush=True,
+    )
     return {"gflop": flops / 1e9, "time_ms": 1e3 * med, "gflop_s": flops / med / 1e9}
 
 
@@ -208,6 +242,7 @@ def make_guide(ref_model, kind: str, layers: int | None) -> guidance_model.Guida
 
 # ---- peer baselines ------------------------------------------------------------------------------
 
+
 def run_hf_baselines(args, model, cfg, tokenizer, out_dir: str) -> dict:
     hf_dir = args.hf_dir
     if hf_dir is None:
@@ -218,13 +253,32 @@ def run_hf_baselines(args, model, cfg, tokenizer, out_dir: str) -> dict:
             export_hf(hf_dir, model, cfg, tokenizer=tokenizer)
     env = dict(os.environ, SMOLLM2_HF_DIR=hf_dir)
     results = {}
-    jobs = {"hf_generate": ["hf_generate_bench.py", "--batches", *map(str, args.batches)],
-            "hf_guided": ["hf_guided_bench.py", "--batches", str(args.guided_batch), "--k", str(args.k),
-                          "--mode", args.hf_guided_mode, "--no-verify"]}
+    jobs = {
+        "hf_generate": ["hf_generate_bench.py", "--batches", *map(str, args.batches)],
+        "hf_guided": [
+            "hf_guided_bench.py",
+            "--batches",
+            str(args.guided_batch),
+            "--k",
+            str(args.k),
+            "--mode",
+            args.hf_guided_mode,
+            "--no-verify",
+        ],
+    }
     for name, cmd in jobs.items():
         out = os.path.join(out_dir, f"{name}.json")
-        full = [sys.executable, *cmd[:1], *cmd[1:], "--max-new", str(args.max_new), "--runs", str(args.runs),
-                "--json", out]
+        full = [
+            sys.executable,
+            *cmd[:1],
+            *cmd[1:],
+            "--max-new",
+            str(args.max_new),
+            "--runs",
+            str(args.runs),
+            "--json",
+            out,
+        ]
         print(f"  running {' '.join(full)}", flush=True)
         proc = subprocess.run(full, cwd=BASELINES, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -245,6 +299,7 @@ def hf_tok_s(hf: dict, name: str, batch: int) -> float | None:
 
 # ---- main ------------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", default="smollm2", help="reference model (default: packaged SmolLM2-135M-Instruct)")
@@ -259,23 +314,39 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: 16 new tokens, 1 run, batches 1 16")
     ap.add_argument("--hf", action="store_true", help="also run the transformers peer baselines")
     ap.add_argument("--hf-dir", default=None, help="HF folder of the same model (default: export one)")
-    ap.add_argument("--hf-guided-mode", choices=("two_pass", "fused"), default="two_pass",
-                    help="the authors'-way baseline's candidate pass (its own default: two_pass)")
+    ap.add_argument(
+        "--hf-guided-mode",
+        choices=("two_pass", "fused"),
+        default="two_pass",
+        help="the authors'-way baseline's candidate pass (its own default: two_pass)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.max_new, args.runs, args.batches = 16, 1, [1, 16]
 
     dtype = jnp.float32
-    info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "jax": jax.__version__,
-            "devices": str(jax.devices()), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "load_average": os.getloadavg(), "max_new": args.max_new, "runs": args.runs}
+    info = {
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "jax": jax.__version__,
+        "devices": str(jax.devices()),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average": os.getloadavg(),
+        "max_new": args.max_new,
+        "runs": args.runs,
+    }
     print(json.dumps(info, indent=1), flush=True)
     loaded = loader.load(args.ref, dtype=dtype)
     ref, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
-    conf = SamplerConfig(max_new_tokens=args.max_new, k=args.k, stop_ids=(), prompt_bucket=args.prompt_bucket,
-                         pad_id=int(tok.pad_token_id or 0))
+    conf = SamplerConfig(
+        max_new_tokens=args.max_new,
+        k=args.k,
+        stop_ids=(),
+        prompt_bucket=args.prompt_bucket,
+        pad_id=int(tok.pad_token_id or 0),
+    )
     results: dict = {"info": info, "unguided": [], "guided": {}}
     gb = args.guided_batch
     guided_prompts = chat_prompts(tok, gb)
@@ -297,8 +368,11 @@ def main(argv=None) -> int:
         res = measure(label, sampler, guided_prompts, args, guided=True, flops_per_step=flops)
         res["guided_over_unguided_time"] = res["time_median_s"] / unguided_gb["time_median_s"]
         res["guided_over_unguided_step"] = res["decode_step_ms"] / unguided_gb["decode_step_ms"]
-        print(f"    guided/unguided: {res['guided_over_unguided_time']:.2f} (total), "
-              f"{res['guided_over_unguided_step']:.2f} (decode step)", flush=True)
+        print(
+            f"    guided/unguided: {res['guided_over_unguided_time']:.2f} (total), "
+            f"{res['guided_over_unguided_step']:.2f} (decode step)",
+            flush=True,
+        )
         return sampler, res
 
     if "v" not in args.skip:
@@ -315,8 +389,11 @@ def main(argv=None) -> int:
         sampling_run(sampler, guided_prompts, args, guided=True, inv_eta=3.0, temperature=0.6)
         res["second_eta_temperature_s"] = time.perf_counter() - t
         res["recompiled_on_new_eta_temperature"] = decode_jit._cache_size() != before
-        print(f"    compile of the guided loop ~{res['compile_s_approx']:.1f}s; new eta/temperature "
-              f"recompiled: {res['recompiled_on_new_eta_temperature']}", flush=True)
+        print(
+            f"    compile of the guided loop ~{res['compile_s_approx']:.1f}s; new eta/temperature "
+            f"recompiled: {res['recompiled_on_new_eta_temperature']}",
+            flush=True,
+        )
         results["guided"]["v_same_size"] = res
         del guide, sampler
 
@@ -331,16 +408,24 @@ def main(argv=None) -> int:
         print(f"guided, small V-type guide ({n} layers):", flush=True)
         guide = make_guide(ref, "v", n)
         res = guided(f"guided V {n}-layer", guide, "v")[1]
-        res["guide_over_ref_flops_per_token"] = (guide.cfg.matmul_flops_per_token(lm_head=False)
-                                                 / cfg.matmul_flops_per_token(lm_head=True))
+        res["guide_over_ref_flops_per_token"] = guide.cfg.matmul_flops_per_token(
+            lm_head=False
+        ) / cfg.matmul_flops_per_token(lm_head=True)
         res["tpu_v5e_prediction"] = tpu_prediction(cfg, guide.cfg, gb, args.k)
         results["guided"]["v_small"] = res
         del guide
 
     results["tpu_v5e_prediction_llama8b_1b"] = tpu_prediction(LLAMA_8B, LLAMA_1B, gb, args.k)
-    print("TPU v5e roofline, batch 16, k 20, 1024 context: "
-          + json.dumps({"smollm2+small": results["guided"].get("v_small", {}).get("tpu_v5e_prediction"),
-                        "llama8b+1b": results["tpu_v5e_prediction_llama8b_1b"]}), flush=True)
+    print(
+        "TPU v5e roofline, batch 16, k 20, 1024 context: "
+        + json.dumps(
+            {
+                "smollm2+small": results["guided"].get("v_small", {}).get("tpu_v5e_prediction"),
+                "llama8b+1b": results["tpu_v5e_prediction_llama8b_1b"],
+            }
+        ),
+        flush=True,
+    )
 
     if args.hf:
         print("transformers peer baselines:", flush=True)

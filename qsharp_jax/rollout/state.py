@@ -1,0 +1,82 @@
+"""Types of the rollout engine: the sampler's static config, the typed state carried by
+the decode ``while_loop``, and the host-side results.
+
+``DecodeState`` is a registered dataclass, so it is a pytree that ``lax.while_loop``
+carries field by field; code reads ``state.done``, never a tuple position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+GUIDANCE_KINDS = ("qsharp", "cd")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    max_new_tokens: int = 256
+    k: int = 20  # guidance candidates per step (top-k of the raw reference logits)
+    guidance: str = "qsharp"  # "qsharp": ln E[exp(Z/eta)]; "cd": E[Z]/eta
+    stop_ids: tuple = ()  # a row stops after emitting any of these (the stop token is kept)
+    pad_id: int = 0  # written after a row stops (and used for left padding)
+    prompt_bucket: int = 64  # padded prompt length = a multiple of this (bounds recompiles)
+    batch_bucket: int = 1  # padded prompt count = a multiple of this
+
+    def __post_init__(self):
+        if self.guidance not in GUIDANCE_KINDS:
+            raise ValueError(f"guidance={self.guidance!r} is not one of {GUIDANCE_KINDS}.")
+        if self.max_new_tokens < 1 or self.k < 1 or self.prompt_bucket < 1 or self.batch_bucket < 1:
+            raise ValueError(f"max_new_tokens, k, prompt_bucket and batch_bucket must be >= 1: {self}")
+        object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """Host (numpy) results; row r continues prompt ``prompt_index[r]``. Per-token arrays are
+    [N, max_new_tokens] and hold pad_id / 0 after each row's ``lengths`` (stop token included)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logp_policy: np.ndarray  # log pi(token) under the distribution actually sampled
+    logp_ref: np.ndarray  # log pi_ref(token) at the same temperature, untruncated
+    kl_token: np.ndarray  # KL(pi || pi_ref) of each step's full next-token distributions
+    kl_traj: np.ndarray  # [N] sum of kl_token over the response
+    prompt_index: np.ndarray
+    steps: int = 0  # decode iterations run (early exit when every row stopped)
+
+    def completions(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """Everything static about one decode loop (hashable: a jit static argument)."""
+
+    max_new_tokens: int
+    k: int
+    guidance: str
+    guided: bool
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """The decode loop's carry. Per-row arrays have N rows; per-token outputs are
+    [N, max_new_tokens] and are written at column ``step``."""
+
+    step: jax.Array  # int32 scalar: loop iterations run so far
+    ref_cache: Any  # the reference's KVCache
+    guide_cache: Any  # the guide backbone's KVCache (None when unguided)
+    newest: jax.Array  # [N] int32: the last context token, fed to the next step
+    position: jax.Array  # [N] int32: position id of ``newest``
+    done: jax.Array  # [N] bool: the row emitted a stop id
+    lengths: jax.Array  # [N] int32: tokens generated, stop token included
+    key: jax.Array  # PRNG key; step i samples with fold_in(key, i)
+    tokens: jax.Array  # [N, T] int32 sampled tokens (pad_id after a row stops)
+    logp_policy: jax.Array  # [N, T] float32 log pi(token)
+    logp_ref: jax.Array  # [N, T] float32 log pi_ref(token)
+    kl_token: jax.Array  # [N, T] float32 KL(pi || pi_ref) per step

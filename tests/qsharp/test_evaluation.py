@@ -1,0 +1,126 @@
+import types
+
+import numpy as np
+import pytest
+
+from qsharp_jax.qsharp import evaluation
+from qsharp_jax.tasks import grading
+
+
+def test_pass_at_1_is_mean_accuracy_when_all_or_nothing():
+    correct = [[True] * 8, [False] * 8, [True] * 8, [False] * 8]
+    assert evaluation.pass_at_1(correct) == pytest.approx(0.5)
+
+
+def test_pass_at_1_estimates_per_sample_accuracy():
+    correct = [[True, False, False, False]] * 50  # 25% per sample
+    assert evaluation.pass_at_1(correct, rounds=100, seed=0) == pytest.approx(0.25, abs=0.02)
+    # Seeded: the same value every time.
+    assert evaluation.pass_at_1(correct, seed=3) == evaluation.pass_at_1(correct, seed=3)
+
+
+def test_pass_at_n():
+    assert evaluation.pass_at_n([[False, True], [False, False]]) == 0.5
+    assert evaluation.pass_at_n([]) == 0.0
+
+
+def test_answer_classes_are_greedy_with_the_matcher():
+    answers = ["0.5", "\\frac{1}{2}", "", "3", "1/2", "3.0"]
+    classes = evaluation.answer_classes(answers, grading.symbolic_match)
+    assert classes == [[0, 1, 4], [3, 5]]  # the empty answer never votes
+
+
+def test_majority_vote_clear_winner():
+    rng = np.random.default_rng(0)
+    answers = ["7", "7", "8", "", "7", "9", "8", "7"]
+    correct = [a == "8" for a in answers]
+    assert evaluation.majority_vote_correct(answers, correct, grading.strict_match, rng) is False
+    correct = [a == "7" for a in answers]
+    assert evaluation.majority_vote_correct(answers, correct, grading.strict_match, rng) is True
+
+
+def test_majority_vote_no_valid_answer_is_incorrect():
+    rng = np.random.default_rng(0)
+    assert evaluation.majority_vote_correct([""] * 8, [False] * 8, grading.strict_match, rng) is False
+
+
+def test_majority_vote_ties_are_broken_uniformly_at_random():
+    answers = ["1", "1", "2", "2", "", "", "", ""]
+    correct = [True, True, False, False, False, False, False, False]
+    rng = np.random.default_rng(123)
+    votes = [evaluation.majority_vote_correct(answers, correct, grading.strict_match, rng) for _ in range(2000)]
+    assert 0.45 < np.mean(votes) < 0.55
+    # maj1@8 with a fixed seed is reproducible, and averages the tie over problems.
+    many = [answers] * 400
+    many_correct = [correct] * 400
+    value = evaluation.maj_at_n(many, many_correct, "strict", seed=7)
+    assert value == evaluation.maj_at_n(many, many_correct, "strict", seed=7)
+    assert 0.4 < value < 0.6
+
+
+def test_maj_at_n_uses_the_representative_correctness():
+    # The class {"0.5", "1/2"} wins; its first member decides.
+    answers = [["0.5", "1/2", "3"]]
+    assert evaluation.maj_at_n(answers, [[True, True, False]], "symbolic") == 1.0
+    assert evaluation.maj_at_n(answers, [[True, True, False]], "strict") in (0.0, 1.0)  # 3-way tie under strict
+
+
+def test_mean_kl():
+    assert evaluation.mean_kl([[1.0, 3.0], [2.0]]) == pytest.approx(2.0)
+    assert evaluation.mean_kl([]) == 0.0
+
+
+class FakeTokenizer:
+    """Characters as ids; the "chat template" keeps only the problem's first character."""
+
+    chat_template = "fake"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return messages[0]["content"][len("Problem:\n\n")]
+
+    def __call__(self, text, add_special_tokens):
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if not (skip_special_tokens and i == 0))
+
+
+class FakeSampler:
+    """Returns fixed responses: problem p answers \\boxed{p} on even samples, \\boxed{x} otherwise."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, *, key, n, temperature, top_p, inv_eta, guided):
+        self.calls.append(dict(num=len(prompts), n=n, inv_eta=inv_eta, guided=guided))
+        rows, index = [], []
+        for p, prompt in enumerate(prompts):
+            for s in range(n):
+                rows.append("\\boxed{%s}" % (chr(prompt[0]) if s % 2 == 0 else "x"))
+                index.append(p)
+        width = max(len(r) for r in rows) + 1
+        tokens = np.zeros((len(rows), width), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = [ord(c) for c in r]
+        lengths = np.array([len(r) + 1 for r in rows])  # + EOS (id 0)
+        return types.SimpleNamespace(
+            tokens=tokens, lengths=lengths, prompt_index=np.array(index), kl_traj=np.full(len(rows), 2.0)
+        )
+
+
+def test_evaluate_with_a_fake_sampler():
+    import jax
+
+    from qsharp_jax.tasks.data import Problem
+
+    sampler = FakeSampler()
+    problems = [Problem(question=str(d), answer=str(d), solution="") for d in range(5)]
+    problems[4] = Problem(question="4", answer="9", solution="")  # never right
+    metrics = evaluation.evaluate(
+        sampler, FakeTokenizer(), problems, n=4, key=jax.random.key(0), inv_eta=10.0, guided=True, problems_per_batch=2
+    )
+    assert [c["num"] for c in sampler.calls] == [2, 2, 1]
+    assert metrics["pass@4"] == pytest.approx(0.8)
+    assert metrics["pass@1"] == pytest.approx(0.4, abs=0.08)
+    assert metrics["kl"] == 2.0
+    assert 0.0 <= metrics["maj1@4"] <= 0.8  # 2-2 ties between the right answer and "x"
