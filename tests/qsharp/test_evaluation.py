@@ -121,6 +121,16 @@ def test_evaluate_with_a_fake_sampler():
     )
     assert [c["num"] for c in sampler.calls] == [2, 2, 1]
     assert metrics["pass@4"] == pytest.approx(0.8)
-    assert metrics["pass@1"] == pytest.approx(0.4, abs=0.08)
     assert metrics["kl"] == 2.0
-    assert 0.0 <= metrics["maj1@4"] <= 0.8  # 2-2 ties between the right answer and "x"
+    # Both metrics are seeded (seed 47): derive their exact values from the protocol (spec 4.5).
+    # pass@1: per round, one uniform sample index per problem; even indices are the right ones.
+    rng = np.random.default_rng(47)
+    right = sum((rng.integers(0, 4, size=100) % 2 == 0).astype(float) for _ in range(4))
+    rng.integers(0, 4, size=100)  # problem 4's draws: never right
+    assert metrics["pass@1"] == pytest.approx(float(np.mean(right / 5)), abs=1e-12)
+    # maj1@4: every problem is a 2-2 tie between its first answer's class and "x", broken by one
+    # uniform draw per problem in order; drawing the first class is right for problems 0-3.
+    rng = np.random.default_rng(47)
+    wins = sum(int(rng.integers(2)) == 0 for _ in range(4))
+    assert metrics["maj1@4"] == pytest.approx(wins / 5, abs=1e-12)
+    assert 0 < wins < 4  # this seed breaks ties both ways, so the check is not vacuous

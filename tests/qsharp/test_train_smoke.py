@@ -112,7 +112,12 @@ def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
     for metrics in results.values():
         assert {"pass@1", "maj1@2", "pass@2", "kl"} <= set(metrics)
         assert 0.0 <= metrics["pass@1"] <= 1.0 and np.isfinite(metrics["kl"])
-    assert results["qsharp_iter2"]["kl"] > 0.0  # guided at inv_eta 10 moves away from pi_ref
+    # pi_ref's own KL is > 0 already (top-p-truncated policy vs untruncated reference, spec 4.5).
+    # Guided at inv_eta 10, each of the k = 4 candidates gains ln(p e^10 + 1 - p) >= 0 nats and
+    # ~9.3 at the untrained guide's p ~ 0.5: over this near-uniform 256-token reference that moves
+    # ~ln(256 / 4) ~ 4 nats per token; ask for at least 1 nat per generated token more.
+    q, p = results["qsharp_iter2"], results["pi_ref"]
+    assert q["kl"] > p["kl"] + q["mean_length"], (q, p)
     printed = capsys.readouterr().out
     assert "policy" in printed and "qsharp_iter2" in printed
 
