@@ -43,8 +43,8 @@ import numpy as np
 from flax import nnx
 
 from qsharp_jax.checkpoints import loader
-from qsharp_jax.generate import truncate_layers
 from qsharp_jax.guidance import model as guidance_model
+from qsharp_jax.models import decoder
 from qsharp_jax.models.config import ModelConfig
 from qsharp_jax.rollout.engine import decode_jit
 from qsharp_jax.rollout.sampler import Sampler
@@ -236,7 +236,7 @@ def make_guide(ref_model, kind: str, layers: int | None) -> guidance_model.Guida
     """A guide on a copy of the reference backbone (untrained head: only the cost matters)."""
     backbone = nnx.clone(ref_model)
     if layers:
-        truncate_layers(backbone, layers)
+        decoder.truncate_layers(backbone, layers)
     return guidance_model.build(backbone, guidance_model.HeadConfig(kind=kind, init="normal"), seed=1234)
 
 

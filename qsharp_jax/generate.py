@@ -22,29 +22,19 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from qsharp_jax.checkpoints import loader
 from qsharp_jax.guidance import model as guidance_model
 from qsharp_jax.guidance.learner import load_trained_guide
+from qsharp_jax.models import decoder
 from qsharp_jax.rollout.sampler import Sampler
 from qsharp_jax.rollout.state import SamplerConfig
-
-
-def truncate_layers(model, num_layers: int):
-    """Keep the first ``num_layers`` blocks of a decoder (in place): a smaller model of the
-    same architecture and vocabulary."""
-    if not 0 < num_layers <= model.cfg.num_layers:
-        raise ValueError(f"--guide-layers {num_layers}: the model has {model.cfg.num_layers} layers.")
-    model.layers = nnx.List(list(model.layers)[:num_layers])
-    model.cfg = model.cfg.replace(num_layers=num_layers)
-    return model
 
 
 def build_guide(path, *, kind: str, distribution: str, init: str, layers: int | None, dtype, seed: int = 0):
     backbone = loader.load(path, dtype=dtype, tokenizer=False).model
     if layers:
-        truncate_layers(backbone, layers)
+        decoder.truncate_layers(backbone, layers)
     head = guidance_model.HeadConfig(kind=kind, distribution=distribution, init=init)
     return guidance_model.build(backbone, head, seed=seed)
 

@@ -11,11 +11,31 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qsharp_jax.qsharp.job_config import unknown_override_keys
 from qsharp_jax.qsharp.loop import ConfigError, run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "ml-collections config file, e.g. configs/gsm8k.py[:paper].", lock_config=True
 )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that an override of a key the config does not have ends
+    in one line naming the key and the closest valid keys instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:
+        base = [a for a in argv if not a.startswith("--config.")]
+        try:
+            fv = flags.FlagValues()
+            config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=base)
+            fv(base)
+            problems = unknown_override_keys(fv.config, argv) if fv.config is not None else []
+        except Exception:
+            problems = []  # the config file itself is broken: absl's own message says how
+        if problems:
+            sys.exit("error: " + "; ".join(problems))
+        raise error
 
 
 def main(argv) -> None:
@@ -33,4 +53,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from qsharp_jax.checkpoints import loader, training as checkpointing
+from qsharp_jax.checkpoints import files, loader, training as checkpointing
 from qsharp_jax.core import losses, metrics, optim
 from qsharp_jax.core.sharding import DEFAULT_RULES, check_model_fits, make_mesh
 from qsharp_jax.guidance import batching, train_step as ts
@@ -75,6 +75,9 @@ def validate_learner_config(c: ml_collections.ConfigDict) -> None:
     need(c.save_every >= 1, "save_every", "must be >= 1")
     need(c.log_every >= 1, "log_every", "must be >= 1")
     need(c.calibration_bins >= 1, "calibration_bins", "must be >= 1")
+    layers = c.guide.num_layers
+    if not (isinstance(layers, int) and (layers == -1 or layers >= 1)):
+        bad.append(f"learner.guide.num_layers={layers!r}: must be -1 (all layers) or >= 1")
     head = c.guide.head
     if head.kind not in KINDS or head.distribution not in DISTRIBUTIONS or head.init not in INITS:
         bad.append(
@@ -139,7 +142,7 @@ def build_guidance_model(
     loaded = loader.load(
         guide_path, dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype], mesh=mesh, rules=rules
     )
-    guide_name = guide_path or loader.default_reference_path()
+    guide_name = guide_path or files.default_reference_path()
     ref_name = c.guide.reference_path or "the reference model"
     if reference_tokenizer is None and c.guide.reference_path:
         reference_tokenizer = loader.load_tokenizer(c.guide.reference_path)
@@ -151,6 +154,8 @@ def build_guidance_model(
             )
         check_same_tokenizer(loaded.tokenizer, reference_tokenizer, guide_name, ref_name, loaded.config.vocab_size)
     backbone = loaded.model
+    if c.guide.num_layers != -1:  # a smaller guide of the same family: its first layers
+        model_lib.truncate_layers(backbone, int(c.guide.num_layers))
     if hasattr(backbone, "remat"):
         backbone.remat = bool(c.remat)
     return build_head(backbone, head_config(c), seed=c.guide.head_seed), loaded.tokenizer

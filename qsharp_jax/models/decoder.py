@@ -337,3 +337,14 @@ def forward_logits(model: Decoder, tokens, mask):
     """Convenience: full causal forward of a left-padded batch -> float32 logits [B, T, V]."""
     h, _ = model(tokens, positions_from_mask(mask), token_mask=mask)
     return model.logits(h)
+
+
+def truncate_layers(model, num_layers: int):
+    """Keep the first ``num_layers`` blocks of a decoder (in place): a smaller model of the
+    same architecture and vocabulary."""
+    if not 0 < num_layers <= model.cfg.num_layers:
+        n = model.cfg.num_layers
+        raise ValueError(f"cannot keep {num_layers} layers of a model with {n}: choose 1..{n}.")
+    model.layers = nnx.List(list(model.layers)[:num_layers])
+    model.cfg = model.cfg.replace(num_layers=num_layers)
+    return model

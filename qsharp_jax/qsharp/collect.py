@@ -28,8 +28,8 @@ import jax
 import numpy as np
 
 from qsharp_jax.guidance.batching import Example
-from qsharp_jax.tasks import grading
 from qsharp_jax.tasks.data import DataFormatError, read_jsonl
+from qsharp_jax.tasks.grading import Grader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +81,7 @@ def collect_iteration(
     inv_eta: float,
     temperature: float = 0.8,
     top_p: float = 0.9,
-    matcher: str = "symbolic",
-    extraction: str = "boxed",
+    grader: Grader = Grader(),
     seed: int = 47,
     shard: int = 0,
     problems_per_batch: int = 8,
@@ -92,7 +91,6 @@ def collect_iteration(
 
     ``shard`` numbers a slice of an iteration's problems: each shard draws its own random
     numbers, so shards can be collected (and resumed) independently."""
-    match = grading.get_matcher(matcher)
     # The cut indices come from a numpy stream seeded by (seed, iteration, shard): reproducible
     # and independent of how problems are batched.
     rng = np.random.default_rng([seed, iteration, shard])
@@ -118,7 +116,7 @@ def collect_iteration(
         for s, (ids, text) in enumerate(samples):
             if not ids:
                 continue  # nothing was generated: no (prefix, token) pair to label
-            correct = match(golds[p], grading.extract_answer(text, extraction))
+            correct = grader.same(golds[p], grader.extract(text))
             cut = int(rng.integers(len(ids)))
             plans.append((p, s, ids, correct, cut, cut < len(ids) - 1))
     queued = [i for i, plan in enumerate(plans) if plan[5]]
@@ -145,7 +143,7 @@ def collect_iteration(
         if continued:
             cont = continuations[i]
             text = tokenizer.decode(ids[: cut + 1] + cont, skip_special_tokens=True)
-            reward = float(match(golds[p], grading.extract_answer(text, extraction)))
+            reward = grader.reward(text, golds[p])
         else:
             cont, reward = [], float(correct)
         rollouts.append(

@@ -7,7 +7,11 @@ they are testable without a model:
 * maj1@n: majority vote over the extracted answers, classes formed greedily with the
   answer matcher, empty answers ignored, ties broken uniformly at random;
 * pass@n: any of the n samples is correct;
-* KL: mean trajectory KL(pi || pi_ref) over all samples.
+* KL: mean trajectory KL(pi || pi_ref) over all samples;
+* Q# as a reward model (spec 6): best-of-n by the guide's value of each finished response,
+  and majority voting with those values as weights.
+
+Each metric comes with its standard error over problems (the unit samples are drawn per).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from qsharp_jax.tasks import data, grading
+from qsharp_jax.tasks import grading
+from qsharp_jax.tasks.base import Problem, Task
+from qsharp_jax.tasks.grading import Grader
 
 Matcher = Callable[[str, str], bool]
 
@@ -72,18 +78,54 @@ def majority_vote_correct(
     return bool(correct[winner[0]])
 
 
+def majority_votes(
+    answers: Sequence[Sequence[str]],
+    correct: Sequence[Sequence[bool]],
+    matcher: Matcher | str = "symbolic",
+    seed: int = 47,
+) -> list[bool]:
+    """Per problem, whether its majority answer is correct (one tie-break draw per problem, in order)."""
+    if isinstance(matcher, str):
+        matcher = grading.get_matcher(matcher)
+    rng = np.random.default_rng(seed)
+    return [majority_vote_correct(a, c, matcher, rng) for a, c in zip(answers, correct)]
+
+
 def maj_at_n(
     answers: Sequence[Sequence[str]],
     correct: Sequence[Sequence[bool]],
     matcher: Matcher | str = "symbolic",
     seed: int = 47,
 ) -> float:
-    if not len(answers):
-        return 0.0
-    if isinstance(matcher, str):
-        matcher = grading.get_matcher(matcher)
-    rng = np.random.default_rng(seed)
-    return float(np.mean([majority_vote_correct(a, c, matcher, rng) for a, c in zip(answers, correct)]))
+    votes = majority_votes(answers, correct, matcher, seed)
+    return float(np.mean(votes)) if votes else 0.0
+
+
+def weighted_vote_correct(
+    answers: Sequence[str], correct: Sequence[bool], weights: Sequence[float], matcher: Matcher, rng
+) -> bool:
+    """Majority vote where each sample counts with its weight (Q# value as reward model):
+    the class with the largest summed weight wins, ties broken uniformly at random."""
+    classes = answer_classes(answers, matcher)
+    if not classes:
+        return False
+    totals = np.asarray([sum(weights[i] for i in c) for c in classes])
+    tied = np.flatnonzero(totals == totals.max())
+    return bool(correct[classes[int(tied[int(rng.integers(len(tied)))])][0]])
+
+
+def best_of_n_correct(correct: Sequence[bool], scores: Sequence[float], rng) -> bool:
+    """Whether the highest-scored sample is correct (ties broken uniformly at random)."""
+    scores = np.asarray(scores, np.float64)
+    tied = np.flatnonzero(scores == scores.max())
+    return bool(correct[int(tied[int(rng.integers(len(tied)))])])
+
+
+def standard_error(per_problem: Sequence[float]) -> float:
+    """Standard error of a mean over problems (the unit the samples are drawn per): the
+    sample standard deviation of the per-problem values over sqrt(#problems)."""
+    x = np.asarray(per_problem, np.float64)
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def mean_kl(kl_traj: Sequence[Sequence[float]] | np.ndarray) -> float:
@@ -105,17 +147,47 @@ class Graded:
     correct: list[list[bool]]
     kl_traj: list[list[float]]
     lengths: list[list[int]]
+    response_ids: list[list[list[int]]] = dataclasses.field(default_factory=list)
+    values: list[list[float]] | None = None  # the guide's Q(x, response + EOS) per sample, when scored
 
-    def metrics(self, matcher: str = "symbolic", rounds: int = 100, seed: int = 47) -> dict[str, float]:
+    def metrics(self, grader: Grader = Grader(), rounds: int = 100, seed: int = 47) -> dict[str, float]:
+        """pass@1, maj1@n, pass@n, mean KL and length, each with its standard error over
+        problems (``<name>_se``); with ``values``, the reward-model metrics too."""
         n = max((len(c) for c in self.correct), default=0)
-        return {
+        if not n:
+            return {"num_problems": 0.0}
+        accuracy = [float(np.mean(c)) for c in self.correct]  # pass@1's per-problem expectation
+        votes = [float(v) for v in majority_votes(self.answers, self.correct, grader.same, seed)]
+        any_right = [float(any(c)) for c in self.correct]
+        kl = [float(np.mean(k)) for k in self.kl_traj]
+        out = {
             "pass@1": pass_at_1(self.correct, rounds=rounds, seed=seed),
-            f"maj1@{n}": maj_at_n(self.answers, self.correct, matcher, seed=seed),
-            f"pass@{n}": pass_at_n(self.correct),
+            "pass@1_se": standard_error(accuracy),
+            f"maj1@{n}": float(np.mean(votes)),
+            f"maj1@{n}_se": standard_error(votes),
+            f"pass@{n}": float(np.mean(any_right)),
+            f"pass@{n}_se": standard_error(any_right),
             "kl": mean_kl(self.kl_traj),
-            "mean_length": float(np.mean([n_tok for row in self.lengths for n_tok in row])) if n else 0.0,
+            "kl_se": standard_error(kl),
+            "mean_length": float(np.mean([t for row in self.lengths for t in row])),
             "num_problems": float(len(self.correct)),
         }
+        if self.values is not None:
+            rng = np.random.default_rng(seed)
+            best = [float(best_of_n_correct(c, v, rng)) for c, v in zip(self.correct, self.values)]
+            weighted = [
+                float(weighted_vote_correct(a, c, v, grader.same, rng))
+                for a, c, v in zip(self.answers, self.correct, self.values)
+            ]
+            out.update(
+                {
+                    f"rm_best_of_{n}": float(np.mean(best)),
+                    f"rm_best_of_{n}_se": standard_error(best),
+                    f"rm_maj1@{n}": float(np.mean(weighted)),
+                    f"rm_maj1@{n}_se": standard_error(weighted),
+                }
+            )
+        return out
 
 
 def response_texts(batch, tokenizer) -> list[str]:
@@ -138,15 +210,13 @@ def sample_and_grade(
     top_p: float,
     inv_eta: float,
     guided: bool,
-    matcher: str = "symbolic",
-    extraction: str = "boxed",
+    grader: Grader = Grader(),
     problems_per_batch: int = 8,
     progress: Callable | None = None,
 ) -> Graded:
     """Draw ``n`` responses per prompt with ``sampler`` and grade them against ``golds``."""
-    match = grading.get_matcher(matcher)
     num = len(prompts)
-    graded = Graded(*([[] for _ in range(num)] for _ in range(5)))
+    graded = Graded(*([[] for _ in range(num)] for _ in range(6)))
     chunks = range(0, num, problems_per_batch)
     for chunk_index, start in enumerate(progress(chunks) if progress else chunks):
         chunk = list(prompts[start : start + problems_per_batch])
@@ -162,19 +232,21 @@ def sample_and_grade(
         texts = response_texts(batch, tokenizer)
         for row, text in enumerate(texts):
             p = start + int(batch.prompt_index[row])
-            answer = grading.extract_answer(text, extraction)
+            answer = grader.extract(text)
             graded.responses[p].append(text)
             graded.answers[p].append(answer)
-            graded.correct[p].append(match(golds[p], answer))
+            graded.correct[p].append(grader.same(golds[p], answer))
             graded.kl_traj[p].append(float(batch.kl_traj[row]))
             graded.lengths[p].append(int(batch.lengths[row]))
+            graded.response_ids[p].append(np.asarray(batch.tokens[row, : int(batch.lengths[row])]).tolist())
     return graded
 
 
 def evaluate(
     sampler,
     tokenizer,
-    problems: Sequence,
+    task: Task,
+    problems: Sequence[Problem],
     *,
     n: int = 8,
     key,
@@ -182,19 +254,17 @@ def evaluate(
     top_p: float = 0.9,
     inv_eta: float = 10.0,
     guided: bool = True,
-    matcher: str = "symbolic",
-    extraction: str = "boxed",
     rounds: int = 100,
     seed: int = 47,
     problems_per_batch: int = 8,
     progress: Callable | None = None,
 ) -> dict[str, float]:
-    """pass@1, maj1@n, pass@n, mean trajectory KL (and mean length) of the sampler's policy on
-    ``problems`` (:class:`qsharp_jax.tasks.data.Problem`), prompted per spec 4.2."""
+    """pass@1, maj1@n, pass@n, mean trajectory KL (and mean length), with standard errors, of
+    the sampler's policy on ``problems`` of ``task``, prompted and graded by the task."""
     graded = sample_and_grade(
         sampler,
         tokenizer,
-        data.encode_prompts(tokenizer, problems),
+        task.encode_prompts(tokenizer, problems),
         [p.answer for p in problems],
         n=n,
         key=key,
@@ -202,9 +272,8 @@ def evaluate(
         top_p=top_p,
         inv_eta=inv_eta,
         guided=guided,
-        matcher=matcher,
-        extraction=extraction,
+        grader=task.grader,
         problems_per_batch=problems_per_batch,
         progress=progress,
     )
-    return graded.metrics(matcher=matcher, rounds=rounds, seed=seed)
+    return graded.metrics(task.grader, rounds=rounds, seed=seed)

@@ -19,7 +19,6 @@ iteration and shard (``rollouts/``), guide checkpoints per iteration (``guide/``
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -27,174 +26,23 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from tqdm import tqdm
 
 from qsharp_jax.checkpoints import loader
 from qsharp_jax.core import sharding
-from qsharp_jax.guidance import learner as learner_lib
-from qsharp_jax.qsharp import collect, evaluation
+from qsharp_jax.guidance import learner as learner_lib, scoring
+from qsharp_jax.qsharp import collect, evaluation, report
+from qsharp_jax.qsharp.job_config import ConfigError, model_path, save_effective_config, validate_config
 from qsharp_jax.rollout.sampler import Sampler
 from qsharp_jax.rollout.state import SamplerConfig
-from qsharp_jax.tasks import data, grading
+from qsharp_jax.tasks import catalog, data
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_FILE = "config.json"
-DTYPES = ("float32", "bfloat16")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; raised before any model is loaded."""
-
-
-# ---- config ---------------------------------------------------------------------------------
-
-
-def data_path(cfg: ml_collections.ConfigDict, name: str) -> str:
-    """A data file path: relative ``data.dir`` values are relative to the repository root."""
-    root = cfg.data.dir if os.path.isabs(cfg.data.dir) else os.path.join(REPO_ROOT, cfg.data.dir)
-    return os.path.normpath(os.path.join(root, name))
-
-
-def model_path(path: str) -> str | None:
-    """Loader path; "" means the default reference model (SmolLM2)."""
-    return path or None
-
-
-def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Raise ConfigError listing every bad value (checked before anything is loaded)."""
-    bad: list[str] = []
-
-    def need(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            value = cfg
-            for part in key.split("."):
-                value = value[part]
-            bad.append(f"{key}={value!r}: {why}")
-
-    def positive_int(key: str, allow_all: bool = False) -> None:
-        section, name = key.split(".")
-        v = cfg[section][name]
-        ok = isinstance(v, int) and (v >= 1 or (allow_all and v == -1))
-        need(ok, key, "must be a positive integer" + (" (or -1 for all)" if allow_all else ""))
-
-    d = cfg.data
-    need(d.answer_format in data.ANSWER_FORMATS, "data.answer_format", f"must be one of {data.ANSWER_FORMATS}")
-    need(d.matcher in grading.MATCHERS, "data.matcher", f"must be one of {grading.MATCHERS}")
-    need(d.answer_extraction in grading.EXTRACTIONS, "data.answer_extraction", f"must be one of {grading.EXTRACTIONS}")
-    need(d.eval_split in ("test", "validation"), "data.eval_split", "must be 'test' or 'validation'")
-    need(0.0 < d.validation_fraction < 1.0, "data.validation_fraction", "must be in (0, 1)")
-    positive_int("data.num_train_problems", allow_all=True)
-    positive_int("data.num_eval_problems", allow_all=True)
-    files = [("data.train_file", d.train_file)] + ([("data.eval_file", d.eval_file)] if d.eval_split == "test" else [])
-    for key, name in files:
-        need(
-            os.path.isfile(data_path(cfg, name)),
-            key,
-            f"no such file {data_path(cfg, name)} (data.dir={d.dir!r} is relative to the repository root)",
-        )
-
-    need(not cfg.reference.path or os.path.exists(cfg.reference.path), "reference.path", "does not exist")
-    need(not cfg.learner.guide.path or os.path.exists(cfg.learner.guide.path), "learner.guide.path", "does not exist")
-    need(cfg.reference.dtype in DTYPES, "reference.dtype", f"must be one of {DTYPES}")
-
-    s = cfg.sampler
-    positive_int("sampler.max_new_tokens")
-    positive_int("sampler.k")
-    positive_int("sampler.problems_per_batch")
-    positive_int("sampler.prompt_bucket")
-    need(s.temperature > 0 and math.isfinite(s.temperature), "sampler.temperature", "must be > 0")
-    need(0.0 < s.top_p <= 1.0, "sampler.top_p", "must be in (0, 1]")
-    need(s.guidance in ("qsharp", "cd"), "sampler.guidance", "must be 'qsharp' or 'cd'")
-
-    positive_int("collect.samples_per_problem")
-    positive_int("collect.iterations")
-    positive_int("collect.problems_per_shard")
-    need(cfg.collect.rollin_inv_eta >= 0, "collect.rollin_inv_eta", "must be >= 0")
-    need(cfg.collect.max_length == -1 or cfg.collect.max_length >= 2, "collect.max_length", "must be -1 or >= 2")
-
-    positive_int("eval.samples_per_problem")
-    positive_int("eval.pass_at_1_rounds")
-    need(cfg.eval.inv_eta >= 0, "eval.inv_eta", "must be >= 0")
-    need(bool(cfg.output_dir), "output_dir", "must be set")
-
-    m = cfg.mesh
-    sizes = (m.data, m.fsdp, m.tensor)
-    if not all(isinstance(x, int) and (x >= 1 or x == -1) for x in sizes) or sizes.count(-1) > 1:
-        bad.append(f"mesh={dict(m)}: sizes must be positive integers, at most one of them -1")
-    elif num_devices is not None:
-        known = math.prod(x for x in sizes if x != -1)
-        fits = num_devices % known == 0 if -1 in sizes else known == num_devices
-        if not fits:
-            bad.append(
-                f"mesh={dict(m)}: data x fsdp x tensor must equal the {num_devices} available devices "
-                "(set one axis to -1 to use the rest)"
-            )
-        else:  # training batches are split over data x fsdp: catch it now, not after collecting
-            resolved = [num_devices // known if x == -1 else x for x in sizes]
-            shards = resolved[0] * resolved[1]
-            if isinstance(cfg.learner.batch_size, int) and cfg.learner.batch_size % shards:
-                bad.append(
-                    f"learner.batch_size={cfg.learner.batch_size}: must be a multiple of mesh data x fsdp = {shards}"
-                )
-    try:
-        learner_lib.validate_learner_config(cfg.learner)
-    except ValueError as e:
-        bad.append(str(e))
-    if bad:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
-
-
-def save_effective_config(cfg: ml_collections.ConfigDict, output_dir: str) -> str:
-    """Write the config this run uses; a resumed run must use the same one."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, CONFIG_FILE)
-    text = cfg.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != json.loads(text):
-            changed = sorted(_diff_keys(old, json.loads(text)))
-            raise ConfigError(
-                f"{output_dir} holds a run with a different config (changed: {', '.join(changed)}); "
-                "use a new output_dir or restore the old values."
-            )
-    with open(path, "w") as f:
-        f.write(text + "\n")
-    return path
-
-
-def _diff_keys(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in set(a) | set(b):
-            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-    elif a != b:
-        yield prefix.rstrip(".")
-
-
-# ---- problems ---------------------------------------------------------------------------------
+# ---- the job ----------------------------------------------------------------------------------
 
 
 def _take(problems, count):
     return problems if count == -1 else problems[:count]
-
-
-def load_problem_sets(cfg: ml_collections.ConfigDict) -> tuple[list[data.Problem], list[data.Problem]]:
-    """(training problems, evaluation problems) per the data section."""
-    d = cfg.data
-    pool = data.load_problems(data_path(cfg, d.train_file), d.answer_format)
-    split = data.split_problems(pool, d.split_seed, d.validation_fraction)
-    if d.eval_split == "test":
-        evaluation_set = data.load_problems(
-            data_path(cfg, d.eval_file),
-            d.answer_format,
-            limit=None if d.num_eval_problems == -1 else d.num_eval_problems,
-        )
-    else:
-        evaluation_set = _take(split["validation"], d.num_eval_problems)
-    return _take(split["train"], d.num_train_problems), evaluation_set
-
-
-# ---- the job ----------------------------------------------------------------------------------
 
 
 def _log(message: str) -> None:
@@ -219,7 +67,7 @@ def _write_json(path: str, value) -> None:
 
 
 class QSharpRun:
-    """State of one job: config, mesh, reference model, tokenizer, problems, output paths."""
+    """State of one job: config, mesh, reference model, tokenizer, task, problems, output paths."""
 
     def __init__(self, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
@@ -241,12 +89,16 @@ class QSharpRun:
             f"params, mesh {dict(self.mesh.shape)})"
         )
         self.check_guide_tokenizer()
-        self.train_problems, self.eval_problems = load_problem_sets(cfg)
-        self.train_prompts = data.encode_prompts(self.tokenizer, self.train_problems)
-        self.eval_prompts = data.encode_prompts(self.tokenizer, self.eval_problems)
+        self.task = catalog.from_config(cfg)
+        d = cfg.data
+        self.train_problems = _take(self.task.train_problems(), d.num_train_problems)
+        self.eval_problems = _take(self.task.eval_problems(d.eval_split), d.num_eval_problems)
+        self.train_prompts = self.task.encode_prompts(self.tokenizer, self.train_problems)
+        self.eval_prompts = self.task.encode_prompts(self.tokenizer, self.eval_problems)
+        self.guides: dict[int, object] = {}  # iteration -> trained guide, loaded on demand
         _log(
-            f"{len(self.train_problems)} training problems, {len(self.eval_problems)} evaluation problems "
-            f"({cfg.data.eval_split})"
+            f"task {cfg.task}: {len(self.train_problems)} training problems, {len(self.eval_problems)} evaluation "
+            f"problems ({d.eval_split})"
         )
 
     def check_guide_tokenizer(self) -> None:
@@ -265,17 +117,20 @@ class QSharpRun:
         )
 
     # -- pieces ---------------------------------------------------------------------------
-    def sampler(self, guide=None):
-        s = self.cfg.sampler
+    def stop_ids(self) -> tuple:
         stop = set(self.reference.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             stop.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(stop))
+
+    def sampler(self, guide=None, guidance: str | None = None):
+        s = self.cfg.sampler
         pad = self.tokenizer.pad_token_id
         config = SamplerConfig(
             max_new_tokens=s.max_new_tokens,
             k=s.k,
-            guidance=s.guidance,
-            stop_ids=tuple(sorted(stop)),
+            guidance=guidance or s.guidance,
+            stop_ids=self.stop_ids(),
             pad_id=int(pad if pad is not None else 0),
             prompt_bucket=s.prompt_bucket,
             batch_bucket=s.problems_per_batch,
@@ -317,8 +172,7 @@ class QSharpRun:
                     inv_eta=c.rollin_inv_eta if guided else 0.0,
                     temperature=s.temperature,
                     top_p=s.top_p,
-                    matcher=self.cfg.data.matcher,
-                    extraction=self.cfg.data.answer_extraction,
+                    grader=self.task.grader,
                     seed=self.cfg.seed,
                     shard=shard,
                     problems_per_batch=s.problems_per_batch,
@@ -334,26 +188,40 @@ class QSharpRun:
         )
         return rollouts
 
+    def _checkpoint_dir(self, iteration: int) -> str:
+        base = self.cfg.learner.checkpoint_dir or os.path.join(self.out, "guide")
+        return os.path.join(os.path.abspath(base), f"iteration_{iteration}")
+
     def train_guide(self, iteration: int, rollouts: list[collect.Rollout]):
-        """A guide trained from scratch on the aggregated rollouts (resumes its checkpoint)."""
+        """A guide trained from scratch on the aggregated rollouts (resumes its checkpoint).
+
+        The rollouts of a seeded ``collect.heldout_fraction`` of the training problems are held
+        out of training (spec 2.3); the guide's calibration on them is saved per iteration."""
         c = self.cfg.collect
+        held = set()
+        if c.heldout_fraction > 0:
+            held = {
+                p.question
+                for p in self.train_problems
+                if data.split_of(p.question, self.cfg.seed + 1, c.heldout_fraction) == "validation"
+            }
+        train_rollouts = [r for r in rollouts if r.question not in held]
         examples = collect.create_classifier_data(
-            rollouts,
+            train_rollouts,
             drop_no_variation=c.drop_no_variation,
             use_all_ref_tokens=c.use_all_ref_tokens,
             max_length=c.max_length,
         )
         if not examples:
             raise RuntimeError(
-                f"iteration {iteration}: no training examples are left from {len(rollouts)} rollouts: every problem "
-                "got the same reward on all its samples and collect.drop_no_variation drops such problems. Collect "
-                "more (collect.samples_per_problem, data.num_train_problems, sampler.max_new_tokens) or set "
+                f"iteration {iteration}: no training examples are left from {len(train_rollouts)} rollouts: every "
+                "problem got the same reward on all its samples and collect.drop_no_variation drops such problems. "
+                "Collect more (collect.samples_per_problem, data.num_train_problems, sampler.max_new_tokens) or set "
                 "collect.drop_no_variation=False."
             )
         lcfg = self.cfg.learner.copy_and_resolve_references()
         with lcfg.unlocked():
-            base = lcfg.checkpoint_dir or os.path.join(self.out, "guide")
-            lcfg.checkpoint_dir = os.path.join(os.path.abspath(base), f"iteration_{iteration}")
+            lcfg.checkpoint_dir = self._checkpoint_dir(iteration)
         t = time.time()
         guide, _ = learner_lib.build_guidance_model(lcfg, self.mesh, reference_tokenizer=self.tokenizer)
         result = learner_lib.fit(guide, examples, lcfg, mesh=self.mesh)
@@ -362,19 +230,40 @@ class QSharpRun:
             f"({sum(e.reward for e in examples) / len(examples):.3f} positive), {result.steps_run} steps run in "
             f"{time.time() - t:.0f}s, checkpoints in {lcfg.checkpoint_dir}"
         )
+        heldout = collect.create_classifier_data(
+            [r for r in rollouts if r.question in held],
+            drop_no_variation=False,
+            use_all_ref_tokens=c.use_all_ref_tokens,
+            max_length=c.max_length,
+        )
+        if heldout:
+            calib = scoring.calibration(result.model, heldout, pad_id=int(self.cfg.learner.pad_id))
+            _write_json(os.path.join(self.out, "eval", f"calibration_iter{iteration}.json"), calib)
+            _log(
+                f"iteration {iteration}: held-out calibration on {calib['examples']} examples of {len(held)} problems: "
+                f"bce {calib['bce']:.3f}, ece {calib['ece']:.3f}, explained variance {calib['explained_variance']:.3f}"
+            )
         return result.model
 
-    def evaluate(self, name: str, guide=None) -> dict:
-        """Metrics of pi_ref (guide None) or pi_ref guided at eval.inv_eta; cached on disk."""
+    def guide(self, iteration: int):
+        """The guide of ``iteration``: trained in this process, or read back from its checkpoint."""
+        if iteration not in self.guides:
+            self.guides[iteration] = learner_lib.load_trained_guide(self._checkpoint_dir(iteration), mesh=self.mesh)
+        return self.guides[iteration]
+
+    def evaluate(self, name: str, guide=None, *, guidance: str = "qsharp", inv_eta: float | None = None) -> dict:
+        """Metrics of pi_ref (guide None) or pi_ref guided with ``guidance`` at ``inv_eta``
+        (default eval.inv_eta); cached on disk with the graded samples. Every policy is sampled
+        with the same key: common random numbers make the comparison less noisy."""
         path = self._eval_path(name)
         if os.path.exists(path):
             _log(f"eval {name}: reusing {path}")
             return _read_json(path)
         e, s = self.cfg.eval, self.cfg.sampler
+        inv_eta = e.inv_eta if inv_eta is None else inv_eta
         t = time.time()
-        # The same key for every policy: common random numbers make the comparison less noisy.
         graded = evaluation.sample_and_grade(
-            self.sampler(guide),
+            self.sampler(guide, guidance),
             self.tokenizer,
             self.eval_prompts,
             [p.answer for p in self.eval_problems],
@@ -382,15 +271,14 @@ class QSharpRun:
             key=jax.random.fold_in(self.key, 2),
             temperature=s.temperature,
             top_p=s.top_p,
-            inv_eta=e.inv_eta if guide is not None else 0.0,
+            inv_eta=inv_eta if guide is not None else 0.0,
             guided=guide is not None,
-            matcher=self.cfg.data.matcher,
-            extraction=self.cfg.data.answer_extraction,
+            grader=self.task.grader,
             problems_per_batch=s.problems_per_batch,
             progress=_progress(f"eval {name}"),
         )
-        metrics = graded.metrics(matcher=self.cfg.data.matcher, rounds=e.pass_at_1_rounds, seed=self.cfg.seed)
-        metrics["inv_eta"] = e.inv_eta if guide is not None else 0.0
+        metrics = graded.metrics(self.task.grader, rounds=e.pass_at_1_rounds, seed=self.cfg.seed)
+        metrics.update(method="pi_ref" if guide is None else guidance, inv_eta=inv_eta if guide is not None else 0.0)
         metrics["seconds"] = time.time() - t
         _write_json(path, metrics)
         _write_json(
@@ -401,9 +289,42 @@ class QSharpRun:
                 responses=graded.responses,
                 answers=graded.answers,
                 correct=graded.correct,
+                response_ids=graded.response_ids,
+                kl_traj=graded.kl_traj,
+                lengths=graded.lengths,
             ),
         )
-        _log(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        _log(f"eval {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+        return metrics
+
+    def reward_model(self, name: str, guide) -> dict:
+        """Q# as a reward model (spec 6): the evaluation samples of ``name`` scored by ``guide``'s
+        value of each response followed by EOS; best-of-n and value-weighted majority."""
+        path = self._eval_path(f"{name}_rm")
+        if os.path.exists(path):
+            return _read_json(path)
+        saved = _read_json(os.path.join(self.out, "eval", f"{name}_samples.json"))
+        eos = int(self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.stop_ids()[0])
+        stops = set(self.stop_ids())
+        sequences, shape = [], []
+        for prompt, samples in zip(self.eval_prompts, saved["response_ids"]):
+            shape.append(len(samples))
+            for ids in samples:
+                sequences.append(list(prompt) + list(ids) + ([] if ids and ids[-1] in stops else [eos]))
+        values = scoring.sequence_values(guide, sequences, pad_id=int(self.cfg.learner.pad_id))
+        split = np.cumsum(shape)[:-1]
+        graded = evaluation.Graded(
+            saved["responses"],
+            saved["answers"],
+            saved["correct"],
+            saved["kl_traj"],
+            saved["lengths"],
+            saved["response_ids"],
+            [list(v) for v in np.split(values, split)],
+        )
+        metrics = graded.metrics(self.task.grader, rounds=self.cfg.eval.pass_at_1_rounds, seed=self.cfg.seed)
+        metrics.update(method=f"{name} + Q# reward model")
+        _write_json(path, metrics)
         return metrics
 
     # -- Algorithm 1 ------------------------------------------------------------------------
@@ -411,62 +332,102 @@ class QSharpRun:
         return os.path.join(self.out, "eval", f"{name}.json")
 
     def _guide_needed(self, iteration: int) -> bool:
-        """Whether iteration's guide is still used: for its evaluation or the next roll-in
-        (a resumed run whose later pieces are all saved skips rebuilding it)."""
+        """Whether iteration's guide must be trained now: for its evaluation or the next roll-in
+        (a resumed run whose later pieces are all saved reads it back only if the sweep needs it)."""
         cfg = self.cfg
         evaluated = cfg.eval.every_iteration or iteration == cfg.collect.iterations
         if evaluated and not os.path.exists(self._eval_path(f"qsharp_iter{iteration}")):
             return True
+        if not os.path.isdir(self._checkpoint_dir(iteration)):
+            return True  # the sweep and the reward model read every guide back
         return iteration < cfg.collect.iterations and not self.rollouts_saved(iteration + 1)
+
+    def sweep(self, results: dict[str, dict]) -> dict[str, dict]:
+        """pi_ref, then each of eval.methods at each of eval.inv_etas, on the same problems and
+        seeds. CD uses the guide of iteration 1 (trained on pi_ref roll-ins only, as in the paper),
+        Q# the guide of the last iteration."""
+        cfg, last = self.cfg, self.cfg.collect.iterations
+        points = {"pi_ref": results["pi_ref"]}
+        for method in cfg.eval.methods:
+            iteration = 1 if method == "cd" else last
+            for inv_eta in cfg.eval.inv_etas:
+                name = f"{method}_inv{inv_eta:g}"
+                same_as_headline = method == "qsharp" and float(inv_eta) == float(cfg.eval.inv_eta)
+                if same_as_headline and f"qsharp_iter{last}" in results:
+                    points[name] = results[f"qsharp_iter{last}"]  # same policy, key and problems
+                    continue
+                points[name] = self.evaluate(name, self.guide(iteration), guidance=method, inv_eta=float(inv_eta))
+        return points
 
     def run(self) -> dict[str, dict]:
         cfg = self.cfg
-        results: dict[str, dict] = {}
-        if cfg.eval.baseline:
-            results["pi_ref"] = self.evaluate("pi_ref")
+        results: dict[str, dict] = {"pi_ref": self.evaluate("pi_ref")}
         per_iteration, guide = [], None
         for iteration in range(1, cfg.collect.iterations + 1):
             per_iteration.append(self.rollouts(iteration, guide))
             guide = None
             if self._guide_needed(iteration):
-                guide = self.train_guide(iteration, collect.aggregate(per_iteration))
+                guide = self.guides[iteration] = self.train_guide(iteration, collect.aggregate(per_iteration))
             else:
                 _log(f"iteration {iteration}: guide not needed (its evaluation and the next rollouts are saved)")
             if cfg.eval.every_iteration or iteration == cfg.collect.iterations:
-                results[f"qsharp_iter{iteration}"] = self.evaluate(f"qsharp_iter{iteration}", guide)
-        _write_json(os.path.join(self.out, "summary.json"), results)
-        return results
+                name = f"qsharp_iter{iteration}"
+                results[name] = self.evaluate(name, guide or self.guide(iteration))
+        summary: dict = {"policies": results}
+        if cfg.eval.inv_etas and cfg.eval.methods:
+            points = self.sweep(results)
+            summary["sweep"] = points
+            eval_dir = os.path.join(self.out, "eval")
+            _write_json(os.path.join(eval_dir, "sweep.json"), points)
+            report.write_csv(os.path.join(eval_dir, "sweep.csv"), points)
+            report.plot_accuracy_vs_kl(
+                os.path.join(eval_dir, "accuracy_vs_kl.png"),
+                points,
+                title=f"{cfg.task}: accuracy vs KL "
+                f"({len(self.eval_problems)} problems x {cfg.eval.samples_per_problem} samples)",
+            )
+        if cfg.eval.reward_model:
+            last = self.guide(cfg.collect.iterations)
+            rm = {"pi_ref + Q# RM": self.reward_model("pi_ref", last)}
+            name = f"qsharp_iter{cfg.collect.iterations}"
+            rm[f"{name} + Q# RM"] = self.reward_model(name, last)
+            summary["reward_model"] = rm
+        calibration = {}
+        for iteration in range(1, cfg.collect.iterations + 1):
+            path = os.path.join(self.out, "eval", f"calibration_iter{iteration}.json")
+            if os.path.exists(path):
+                calibration[f"guide_iter{iteration}"] = _read_json(path)
+        summary["calibration"] = calibration
+        _write_json(os.path.join(self.out, "summary.json"), summary)
+        return summary
 
 
-def summary_table(results: dict[str, dict]) -> str:
-    """Plain-text table, one row per evaluated policy, metrics in a fixed order."""
-    keys = [k for m in results.values() for k in m if k not in ("seconds", "num_problems")]
-    first = (
-        ["pass@1"]
-        + sorted(k for k in set(keys) if k.startswith("maj1@"))
-        + sorted(k for k in set(keys) if k.startswith("pass@") and k != "pass@1")
-        + ["kl", "mean_length", "inv_eta"]
-    )
-    columns = [k for k in first if k in keys] + sorted(set(keys) - set(first))
-    header = ["policy"] + columns
-    rows = [[name] + [f"{m[k]:.3f}" if k in m else "-" for k in columns] for name, m in results.items()]
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
-def run(cfg: ml_collections.ConfigDict) -> dict[str, dict]:
-    """Validate, save the effective config, run every iteration; returns the metrics per policy."""
+def run(cfg: ml_collections.ConfigDict) -> dict:
+    """Validate, save the effective config, run every iteration and the evaluation sweep;
+    returns the summary (``policies``, ``sweep``, ``reward_model``, ``calibration``)."""
     validate_config(cfg, num_devices=jax.device_count())
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
     path = save_effective_config(cfg, os.path.abspath(cfg.output_dir))
     _log(f"effective config saved to {path}")
     t = time.time()
-    results = QSharpRun(cfg).run()
-    print(
-        f"\nQ# {cfg.preset}: {len(results)} policies evaluated in {time.time() - t:.0f}s "
-        f"(eta = 1/{cfg.eval.inv_eta:g}), output in {os.path.abspath(cfg.output_dir)}"
-    )
-    print(summary_table(results))
-    return results
+    summary = QSharpRun(cfg).run()
+    out = os.path.abspath(cfg.output_dir)
+    print(f"\nQ# {cfg.preset} on {cfg.task}: done in {time.time() - t:.0f}s, output in {out}")
+    print(report.summary_table(summary["policies"]))
+    if "sweep" in summary:
+        print(
+            f"\neta sweep ({', '.join(cfg.eval.methods)} at 1/eta in {tuple(cfg.eval.inv_etas)}); plot: "
+            f"{os.path.join(out, 'eval', 'accuracy_vs_kl.png')}"
+        )
+        print(report.summary_table(summary["sweep"]))
+    if summary.get("reward_model"):
+        print("\nQ# as a reward model (last guide's value of each answer + EOS):")
+        print(report.summary_table(summary["reward_model"]))
+    for name, c in summary["calibration"].items():
+        print(
+            f"{name} held-out calibration: bce {c['bce']:.3f}, ece {c['ece']:.3f}, "
+            f"explained variance {c['explained_variance']:.3f} ({c['examples']} examples)"
+        )
+    print(report.KL_NOTE)
+    return summary

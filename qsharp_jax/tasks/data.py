@@ -6,24 +6,22 @@ Files hold one ``{"question": str, "answer": str}`` object per line (see
 * GSM8K: the number after the last ``####`` line, commas removed;
 * MATH-500: the text after the last ``The answer is:``, else the last ``\\boxed{}``.
 
-Prompts follow spec 4.2: one user turn through the tokenizer's chat template with the
-generation prompt, tokenized without extra special tokens (the template adds them).
+Prompts are built by the task (:meth:`qsharp_jax.tasks.base.Task.encode_prompts`, spec 4.2).
 The train/validation split is a seeded hash of the problem text, so a problem keeps its
 split whatever the file order or the other problems.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
 
+from qsharp_jax.tasks.base import Problem
 from qsharp_jax.tasks.grading import last_boxed
 
 ANSWER_FORMATS = ("auto", "gsm8k", "math")
-PROMPT_TEMPLATE = "Problem:\n\n{question} Write your answer inside \\boxed{{}}.\n\nSolution:"
 SPLITS = ("train", "validation")
 
 
@@ -33,14 +31,6 @@ class DataFormatError(ValueError):
     def __init__(self, path: str, line_number: int, problem: str):
         super().__init__(f"{path}:{line_number}: {problem}")
         self.path, self.line_number = path, line_number
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    question: str
-    answer: str  # gold final answer, compared with the model's last \boxed{} content
-    solution: str  # the reference solution as stored in the file
-    source: str = ""  # "path:line", for error messages and bookkeeping
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -119,27 +109,6 @@ def split_problems(
     for p in problems:
         out[split_of(p.question, seed, validation_fraction)].append(p)
     return out
-
-
-# ---- prompts ----------------------------------------------------------------------
-
-
-def prompt_text(question: str) -> str:
-    return PROMPT_TEMPLATE.format(question=question)
-
-
-def encode_prompt(tokenizer, question: str) -> list[int]:
-    """Token ids of the chat-formatted prompt (one user turn + generation prompt)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; the Q# prompts need an Instruct model's tokenizer.")
-    messages = [{"role": "user", "content": prompt_text(question)}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # The template already holds BOS / role markers: adding special tokens again would double them.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def encode_prompts(tokenizer, problems: Sequence[Problem]) -> list[list[int]]:
-    return [encode_prompt(tokenizer, p.question) for p in problems]
 
 
 # ---- tfds (array_record) view of the same files -------------------------------------------

@@ -12,6 +12,7 @@ collection means exactly what "correct" means in the reported metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import threading
@@ -101,3 +102,26 @@ def get_matcher(name: str):
 def is_correct(response_text: str, gold: str, matcher: str = "symbolic", extraction: str = "boxed") -> bool:
     """Whether the extracted final answer of a generated response matches the gold answer."""
     return get_matcher(matcher)(gold, extract_answer(response_text, extraction))
+
+
+@dataclasses.dataclass(frozen=True)
+class Grader:
+    """A task's answer rule: how the final answer is read off a response and compared."""
+
+    matcher: str = "symbolic"
+    extraction: str = "boxed"
+
+    def __post_init__(self):
+        get_matcher(self.matcher)  # unknown names fail here, not mid-run
+        if self.extraction not in EXTRACTIONS:
+            raise ValueError(f"unknown answer extraction {self.extraction!r}; choose one of {EXTRACTIONS}.")
+
+    def extract(self, response_text: str | None) -> str:
+        return extract_answer(response_text, self.extraction)
+
+    def same(self, gold: str | None, answer: str | None) -> bool:
+        return get_matcher(self.matcher)(gold, answer)
+
+    def reward(self, response_text: str | None, gold: str) -> float:
+        """1.0 when the response's final answer matches ``gold``, else 0.0 (sparse reward)."""
+        return float(self.same(gold, self.extract(response_text)))

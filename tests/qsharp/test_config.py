@@ -115,3 +115,89 @@ def test_effective_config_is_saved_and_guards_resumes(tmp_path):
     changed = parse(f"--config.output_dir={tmp_path}", "--config.sampler.top_p=0.5")
     with pytest.raises(loop.ConfigError, match=r"changed: sampler\.top_p"):
         loop.save_effective_config(changed, str(tmp_path))
+
+
+def _train(*args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "qsharp_jax.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_unknown_key_on_the_command_line_names_the_closest_keys():
+    out = _train(f"--config={CONFIG}", "--config.sampler.kk=3", "--config.samplr.top_p=0.5")
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown config key 'sampler.kk'; did you mean sampler.k"), out.stderr[-2000:]
+    assert "unknown config key 'samplr.top_p'; did you mean sampler.top_p" in last
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_key_helper_lists_every_bad_key():
+    from qsharp_jax.qsharp.job_config import config_keys, unknown_override_keys
+
+    cfg = parse()
+    assert "learner.guide.head.kind" in config_keys(cfg)
+    problems = unknown_override_keys(cfg, ["--config.learner.lrr=1", "--config.sampler.k=3", "--config.bogus=1"])
+    assert problems[0].startswith("unknown config key 'learner.lrr'; did you mean learner.lr")
+    assert problems[1] == "unknown config key 'bogus'"
+    assert len(problems) == 2
+
+
+@pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data")
+def test_a_path_that_is_not_a_model_is_rejected_up_front(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = parse(
+        f"--config.reference.path={os.path.join(ROOT, 'README.md')}",
+        f"--config.learner.guide.path={tmp_path / 'empty'}",
+    )
+    with pytest.raises(loop.ConfigError) as e:
+        loop.validate_config(cfg)
+    message = str(e.value)
+    assert "reference.path=" in message and "is a file but not a .gguf model" in message
+    assert "learner.guide.path=" in message and "neither qsharp_config.json" in message
+
+
+@pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data")
+@pytest.mark.parametrize("preset", ["llama3_8b", "llama31_8b", "qwen2p5_7b"])
+def test_paper_model_presets_name_their_checkpoints_and_how_to_convert(preset, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/ here
+    cfg = parse(preset=preset)
+    assert cfg.reference.dtype == "bfloat16" and cfg.sampler.k == 20 and cfg.collect.iterations == 2
+    with pytest.raises(loop.ConfigError) as e:
+        loop.validate_config(cfg)
+    message = str(e.value)
+    assert f"reference.path='{cfg.reference.path}': does not exist: convert the model there first" in message
+    assert f"python -m qsharp_jax.convert --src <HF folder or .gguf> --out {cfg.learner.guide.path}" in message
+
+
+def test_every_config_file_reads_without_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, configs.gsm8k, configs.math500, configs.arithmetic; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_arithmetic_config_problems_are_listed():
+    from qsharp_jax.qsharp.job_config import validate_config
+
+    argv = [
+        "prog",
+        f"--config={os.path.join(ROOT, 'configs', 'arithmetic.py')}:quick",
+        "--config.arithmetic.kinds=('div',)",
+    ]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    with pytest.raises(loop.ConfigError, match=r"arithmetic\.kinds=\('div',\): each entry must be one of"):
+        validate_config(fv.config)

@@ -111,13 +111,23 @@ class FakeSampler:
 def test_evaluate_with_a_fake_sampler():
     import jax
 
-    from qsharp_jax.tasks.data import Problem
+    from qsharp_jax.tasks.base import Problem
+    from qsharp_jax.tasks.word_problems import WordProblems
 
     sampler = FakeSampler()
     problems = [Problem(question=str(d), answer=str(d), solution="") for d in range(5)]
     problems[4] = Problem(question="4", answer="9", solution="")  # never right
+    task = WordProblems("fake", "unused.jsonl", "unused.jsonl")  # prompts and grading only: no file is read
     metrics = evaluation.evaluate(
-        sampler, FakeTokenizer(), problems, n=4, key=jax.random.key(0), inv_eta=10.0, guided=True, problems_per_batch=2
+        sampler,
+        FakeTokenizer(),
+        task,
+        problems,
+        n=4,
+        key=jax.random.key(0),
+        inv_eta=10.0,
+        guided=True,
+        problems_per_batch=2,
     )
     assert [c["num"] for c in sampler.calls] == [2, 2, 1]
     assert metrics["pass@4"] == pytest.approx(0.8)
@@ -134,3 +144,47 @@ def test_evaluate_with_a_fake_sampler():
     wins = sum(int(rng.integers(2)) == 0 for _ in range(4))
     assert metrics["maj1@4"] == pytest.approx(wins / 5, abs=1e-12)
     assert 0 < wins < 4  # this seed breaks ties both ways, so the check is not vacuous
+
+
+def test_standard_error_is_the_sample_sd_over_root_n():
+    # values 1, 0, 1, 1: mean 0.75, sample variance (3 * 0.0625 + 0.5625) / 3 = 0.25, sd 0.5
+    assert evaluation.standard_error([1.0, 0.0, 1.0, 1.0]) == pytest.approx(0.5 / 2)
+    assert np.isnan(evaluation.standard_error([1.0]))
+
+
+def test_best_of_n_and_value_weighted_vote():
+    rng = np.random.default_rng(0)
+    answers, correct = ["7", "8", "8"], [True, False, False]
+    # best of n: the highest value wins, whatever the majority says
+    assert evaluation.best_of_n_correct(correct, [0.9, 0.3, 0.2], rng) is True
+    assert evaluation.best_of_n_correct(correct, [0.1, 0.3, 0.2], rng) is False
+    # weighted vote: class "7" weighs 0.9 against 0.3 + 0.3 = 0.6 for "8"; plain majority says "8"
+    assert evaluation.weighted_vote_correct(answers, correct, [0.9, 0.3, 0.3], grading.strict_match, rng) is True
+    assert evaluation.weighted_vote_correct(answers, correct, [0.5, 0.3, 0.3], grading.strict_match, rng) is False
+    assert evaluation.majority_vote_correct(answers, correct, grading.strict_match, rng) is False
+    # empty answers never vote, even with a large weight
+    assert evaluation.weighted_vote_correct(["", "8"], [True, False], [5.0, 0.1], grading.strict_match, rng) is False
+
+
+def test_graded_metrics_with_standard_errors_and_reward_model():
+    g = evaluation.Graded(
+        responses=[["a", "b"], ["c", "d"], ["e", "f"]],
+        answers=[["1", "2"], ["3", "3"], ["", "5"]],
+        correct=[[True, False], [True, True], [False, False]],
+        kl_traj=[[1.0, 3.0], [2.0, 2.0], [0.0, 4.0]],
+        lengths=[[4, 6], [5, 5], [3, 7]],
+        response_ids=[[[1], [2]], [[3], [3]], [[4], [5]]],
+        values=[[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]],
+    )
+    m = g.metrics(grading.Grader(matcher="strict"), rounds=1000, seed=0)
+    accuracy = [0.5, 1.0, 0.0]
+    assert m["pass@1_se"] == pytest.approx(np.std(accuracy, ddof=1) / np.sqrt(3))
+    assert m["pass@2"] == pytest.approx(2 / 3)
+    assert m["kl"] == pytest.approx(2.0) and m["kl_se"] == pytest.approx(0.0)
+    assert m["mean_length"] == pytest.approx(5.0)
+    # best of 2 by value: problem 0 picks "2" (wrong), problem 1 a tie of two right answers,
+    # problem 2 picks "" (wrong): 1/3. Weighted vote: problem 0 "2" (0.8 > 0.2) wrong,
+    # problem 1 right, problem 2 only "5" votes, wrong: 1/3.
+    assert m["rm_best_of_2"] == pytest.approx(1 / 3)
+    assert m["rm_maj1@2"] == pytest.approx(1 / 3)
+    assert m["rm_best_of_2_se"] == pytest.approx(np.std([0, 1, 0], ddof=1) / np.sqrt(3))

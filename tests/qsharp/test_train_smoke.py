@@ -95,6 +95,7 @@ def smoke_config(model_dir, output_dir):
         "--config.learner.batch_size=2",
         "--config.learner.buckets=(512,)",
         "--config.learner.progress_bar=False",
+        "--config.eval.inv_etas=(3.0, 10.0)",
     ]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)
@@ -107,7 +108,8 @@ def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
 
     out = str(tmp_path / "run")
     cfg = smoke_config(tiny_model_dir, out)
-    results = loop.run(cfg)
+    summary = loop.run(cfg)
+    results = summary["policies"]
     assert set(results) == {"pi_ref", "qsharp_iter1", "qsharp_iter2"}
     for metrics in results.values():
         assert {"pass@1", "maj1@2", "pass@2", "kl"} <= set(metrics)
@@ -119,7 +121,35 @@ def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
     q, p = results["qsharp_iter2"], results["pi_ref"]
     assert q["kl"] > p["kl"] + q["mean_length"], (q, p)
     printed = capsys.readouterr().out
-    assert "policy" in printed and "qsharp_iter2" in printed
+    assert "policy" in printed and "qsharp_iter2" in printed and "eta sweep" in printed
+
+    # The sweep: pi_ref, then Q# (last guide) and CD (iteration-1 guide) at each 1/eta, every
+    # policy on the same problems with the same key; Q# at eval.inv_eta is the headline row.
+    sweep = summary["sweep"]
+    assert set(sweep) == {"pi_ref", "qsharp_inv3", "qsharp_inv10", "cd_inv3", "cd_inv10"}
+    assert sweep["qsharp_inv10"] == results["qsharp_iter2"]
+    assert {(m["method"], m["inv_eta"]) for m in sweep.values()} == {
+        ("pi_ref", 0.0),
+        ("qsharp", 3.0),
+        ("qsharp", 10.0),
+        ("cd", 3.0),
+        ("cd", 10.0),
+    }
+    eval_dir = os.path.join(out, "eval")
+    samples = {}
+    for name in ("pi_ref", "qsharp_iter2", "qsharp_inv3", "cd_inv3", "cd_inv10"):
+        with open(os.path.join(eval_dir, f"{name}_samples.json")) as f:
+            samples[name] = json.load(f)
+    assert len({json.dumps(s["questions"]) for s in samples.values()}) == 1
+    assert all(len(row) == 2 for s in samples.values() for row in s["response_ids"])
+    # CD and Q# at one eta differ only in the offset formula: different samples, same problems.
+    assert samples["cd_inv10"]["response_ids"] != samples["qsharp_iter2"]["response_ids"]
+    for name in ("accuracy_vs_kl.png", "sweep.csv", "sweep.json"):
+        assert os.path.getsize(os.path.join(eval_dir, name)) > 0
+    rm = summary["reward_model"]
+    assert set(rm) == {"pi_ref + Q# RM", "qsharp_iter2 + Q# RM"}
+    for m in rm.values():
+        assert 0.0 <= m["rm_best_of_2"] <= m["pass@2"] and 0.0 <= m["rm_maj1@2"] <= m["pass@2"]
 
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["collect"]["iterations"] == 2
@@ -134,7 +164,7 @@ def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
     # of iteration-2 rollouts is collected again, identically.
     os.remove(os.path.join(out, "eval", "qsharp_iter2.json"))
     os.remove(collect.rollouts_path(out, 2, 1))
-    again = loop.run(smoke_config(tiny_model_dir, out))
+    again = loop.run(smoke_config(tiny_model_dir, out))["policies"]
     without_time = lambda r: {name: {k: v for k, v in m.items() if k != "seconds"} for name, m in r.items()}
     assert without_time(again) == without_time(results)
     assert again["qsharp_iter1"] == results["qsharp_iter1"]  # read back, not recomputed
@@ -155,3 +185,66 @@ def test_guide_with_another_tokenizer_fails_before_any_rollout(tiny_model_dir, t
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         loop.QSharpRun(cfg)
     assert not os.path.exists(os.path.join(str(tmp_path / "run"), "rollouts"))
+
+
+def test_a_task_defined_here_runs_through_collect_learn_evaluate(tiny_model_dir, tmp_path):
+    """The task interface is all the Q# pieces need: a toy task (answer: the letter after the
+    question's letter) goes through collection, the learner and evaluation on the tiny model."""
+    import jax
+
+    from qsharp_jax.checkpoints import loader
+    from qsharp_jax.config import learner_defaults
+    from qsharp_jax.guidance import learner
+    from qsharp_jax.qsharp import collect, evaluation
+    from qsharp_jax.rollout.sampler import Sampler
+    from qsharp_jax.rollout.state import SamplerConfig
+    from qsharp_jax.tasks.base import Problem, Task
+    from qsharp_jax.tasks.grading import Grader
+
+    class NextLetter(Task):
+        name = "next_letter"
+        grader = Grader(matcher="strict", extraction="boxed")
+
+        def train_problems(self):
+            return [Problem(c, chr(ord(c) + 1)) for c in "abcd"]
+
+        def eval_problems(self, split="test"):
+            return [Problem(c, chr(ord(c) + 1)) for c in "xy"]
+
+        def prompt_text(self, problem):
+            return f"Which letter follows {problem.question}? Answer in \\boxed{{}}."
+
+    task = NextLetter()
+    ref = loader.load(tiny_model_dir)
+    tok = ref.tokenizer
+    config = SamplerConfig(max_new_tokens=6, k=4, stop_ids=(tok.eos_token_id,), pad_id=tok.pad_token_id)
+    train = task.train_problems()
+    rollouts = collect.collect_iteration(
+        Sampler(ref.model, None, config),
+        tok,
+        task.encode_prompts(tok, train),
+        [p.question for p in train],
+        [p.answer for p in train],
+        iteration=1,
+        num_samples=2,
+        key=jax.random.key(0),
+        guided=False,
+        inv_eta=0.0,
+        grader=task.grader,
+    )
+    assert len(rollouts) == 8
+    for r in rollouts:
+        text = tok.decode(r.prefix_ids + r.continuation_ids, skip_special_tokens=True)
+        assert r.reward == task.grader.reward(text, r.gold)
+    examples = collect.create_classifier_data(rollouts, drop_no_variation=False)
+    c = learner_defaults()
+    c.update(dict(max_steps=2, batch_size=2, buckets=(128,), compute_dtype="float32", progress_bar=False))
+    c.guide.path = tiny_model_dir
+    guide, _ = learner.build_guidance_model(c, reference_tokenizer=tok)
+    result = learner.fit(guide, examples, c)
+    assert result.steps_run == 2
+    metrics = evaluation.evaluate(
+        Sampler(ref.model, result.model, config), tok, task, task.eval_problems(), n=2, key=jax.random.key(1)
+    )
+    assert metrics["num_problems"] == 2 and 0.0 <= metrics["pass@1"] <= 1.0 and metrics["kl"] > 0.0
+    assert set(metrics) >= {"pass@1_se", "maj1@2", "pass@2", "kl_se"}
