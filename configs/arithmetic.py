@@ -8,7 +8,8 @@ the reference's first ``learner.guide.num_layers`` layers with a fresh V-type he
 guide of the paper's setting (a 1B guide for an 8B reference) at this scale.
 
 Presets:
-  default  two Q# iterations and the eta sweep (pi_ref, CD and Q# at 1/eta in 3, 10, 30) on 48 test problems x 4 samples; README states its wall time.
+  default  two Q# iterations and the eta sweep (pi_ref, CD and Q# at 1/eta in 3, 10, 30)
+           on 48 test problems x 4 samples; README states its wall time.
   quick    the same pipeline at CI size (seconds of training, a handful of problems).
 """
 
