@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qsharp_jax.qsharp import collect
+from qsharp_jax.tasks.grading import Grader
 
 EOS = 0
 
@@ -115,7 +116,7 @@ def test_collect_iteration_cuts_continues_and_labels():
         key=jax.random.key(0),
         guided=False,
         inv_eta=0.0,
-        matcher="strict",
+        grader=Grader(matcher="strict"),
         problems_per_batch=2,
     )
     assert len(rollouts) == 12
@@ -144,7 +145,9 @@ def test_collect_iteration_cuts_continues_and_labels():
 
 
 def test_collect_is_reproducible_and_shards_draw_their_own_cuts():
-    args = dict(iteration=2, num_samples=3, key=jax.random.key(1), guided=True, inv_eta=10.0, matcher="strict")
+    args = dict(
+        iteration=2, num_samples=3, key=jax.random.key(1), guided=True, inv_eta=10.0, grader=Grader(matcher="strict")
+    )
     a = collect.collect_iteration(ScriptedSampler(), Tok(), [[1, 2]] * 4, list("abcd"), ["7"] * 4, **args)
     b = collect.collect_iteration(ScriptedSampler(), Tok(), [[1, 2]] * 4, list("abcd"), ["7"] * 4, **args)
     assert a == b

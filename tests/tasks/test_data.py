@@ -96,23 +96,32 @@ class FakeChatTokenizer:
         return {"input_ids": [ord(c) for c in text]}
 
 
+def _task():
+    from qsharp_jax.tasks.word_problems import WordProblems
+
+    return WordProblems("gsm8k", "unused.jsonl", "unused.jsonl")  # prompts only: no file is read
+
+
 def test_prompt_template_and_encoding():
-    assert data.prompt_text("What is 1+1?") == (
-        "Problem:\n\nWhat is 1+1? Write your answer inside \\boxed{}.\n\nSolution:"
-    )
+    from qsharp_jax.tasks.base import Problem
+
+    task, problem = _task(), Problem("What is 1+1?", "2")
+    assert task.prompt_text(problem) == "Problem:\n\nWhat is 1+1? Write your answer inside \\boxed{}.\n\nSolution:"
     tok = FakeChatTokenizer()
-    ids = data.encode_prompt(tok, "What is 1+1?")
+    (ids,) = task.encode_prompts(tok, [problem])
     ((messages, tokenize, gen),) = tok.calls
-    assert messages == [{"role": "user", "content": data.prompt_text("What is 1+1?")}]
+    assert messages == [{"role": "user", "content": task.prompt_text(problem)}]
     assert tokenize is False and gen is True
-    assert "".join(map(chr, ids)) == "<s>user:" + data.prompt_text("What is 1+1?") + "|assistant:"
+    assert "".join(map(chr, ids)) == "<s>user:" + task.prompt_text(problem) + "|assistant:"
 
 
 def test_prompt_needs_chat_template():
+    from qsharp_jax.tasks.base import Problem
+
     tok = FakeChatTokenizer()
     tok.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
-        data.encode_prompt(tok, "q")
+        _task().encode_prompts(tok, [Problem("q", "1")])
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(SHARED, "gsm8k", "test.jsonl")), reason="shared data absent")
