@@ -356,7 +356,8 @@ class QSharpRun:
                 if same_as_headline and f"qsharp_iter{last}" in results:
                     points[name] = results[f"qsharp_iter{last}"]  # same policy, key and problems
                     continue
-                points[name] = self.evaluate(name, self.guide(iteration), guidance=method, inv_eta=float(inv_eta))
+                guide = None if os.path.exists(self._eval_path(name)) else self.guide(iteration)
+                points[name] = self.evaluate(name, guide, guidance=method, inv_eta=float(inv_eta))
         return points
 
     def run(self) -> dict[str, dict]:
@@ -372,7 +373,8 @@ class QSharpRun:
                 _log(f"iteration {iteration}: guide not needed (its evaluation and the next rollouts are saved)")
             if cfg.eval.every_iteration or iteration == cfg.collect.iterations:
                 name = f"qsharp_iter{iteration}"
-                results[name] = self.evaluate(name, guide or self.guide(iteration))
+                saved = os.path.exists(self._eval_path(name))  # then no guide is needed to read it back
+                results[name] = self.evaluate(name, guide or (None if saved else self.guide(iteration)))
         summary: dict = {"policies": results}
         if cfg.eval.inv_etas and cfg.eval.methods:
             points = self.sweep(results)
