@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from qsharp_jax.checkpoints import loader, training as checkpointing
+from qsharp_jax.checkpoints import files, loader, training as checkpointing
 from qsharp_jax.core import losses, metrics, optim
 from qsharp_jax.core.sharding import DEFAULT_RULES, check_model_fits, make_mesh
 from qsharp_jax.guidance import batching, train_step as ts
@@ -139,7 +139,7 @@ def build_guidance_model(
     loaded = loader.load(
         guide_path, dtype=DTYPES[c.compute_dtype], param_dtype=DTYPES[c.param_dtype], mesh=mesh, rules=rules
     )
-    guide_name = guide_path or loader.default_reference_path()
+    guide_name = guide_path or files.default_reference_path()
     ref_name = c.guide.reference_path or "the reference model"
     if reference_tokenizer is None and c.guide.reference_path:
         reference_tokenizer = loader.load_tokenizer(c.guide.reference_path)
