@@ -30,7 +30,8 @@ Commands (every gcloud call needs --project and --zone):
 Options (--opt VALUE or --opt=VALUE):
   --project ID          GCP project (default: $CLOUDSDK_CORE_PROJECT)
   --zone ZONE           e.g. us-west4-a (v5e), us-central2-b (v4) (default: $CLOUDSDK_COMPUTE_ZONE)
-  --accelerator TYPE    v5litepod-8 (alias v5e-8), v4-32, v5p-8, v6e-8, ...; needed by create
+  --accelerator TYPE    v5litepod-8 (alias v5e-8), v4-32, v5p-8, v6e-8, ...; needed by create and
+                        run (multi-host slices run one process per host, joined by jax.distributed)
   --runtime-version V   TPU VM image (default per family: v5litepod v2-alpha-tpuv5-lite,
                         v4 tpu-ubuntu2204-base, v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
   --spot | --on-demand  provisioning model (default on-demand)
@@ -255,8 +256,8 @@ validate() {
 	if [[ -n $ACCELERATOR ]]; then
 		accelerator_info
 		RUNTIME=${RUNTIME:-$DEFAULT_RUNTIME}
-	elif [[ $COMMAND == create || $COMMAND == launch ]]; then
-		die "$COMMAND needs the TPU type: pass --accelerator TYPE, e.g. v5litepod-8 or v4-32."
+	elif [[ $COMMAND == create || $COMMAND == launch || $COMMAND == run ]]; then
+		die "$COMMAND needs the TPU type (run starts one process per host): pass --accelerator TYPE, e.g. v5litepod-8 or v4-32."
 	fi
 	if [[ -z $NAME ]]; then
 		[[ -n $ACCELERATOR ]] || die "which TPU VM? pass --name NAME (or the --accelerator it was created with)."
@@ -373,8 +374,9 @@ cmd_run() {
 	job_command
 	local gcs=()
 	[[ -n $BUCKET ]] && gcs=(--bucket "$GCS" --sync-every "$SYNC_EVERY")
-	note "run: python ${JOB[*]:1} on all workers (detached; log in qsharp-jax/logs/$NAME.log)"
-	ssh_worker all bash launch/worker.sh run --job "$NAME" --output-dir "$OUTPUT_DIR" "${gcs[@]}" -- "${JOB[@]}"
+	note "run: python ${JOB[*]:1} on all $HOSTS worker(s) (detached; log in qsharp-jax/logs/$NAME.log)"
+	ssh_worker all bash launch/worker.sh run --job "$NAME" --output-dir "$OUTPUT_DIR" --hosts "$HOSTS" "${gcs[@]}" \
+		-- "${JOB[@]}"
 }
 
 cmd_logs() {

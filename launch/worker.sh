@@ -4,11 +4,12 @@
 #
 #   setup [--data-archive FILE | --data gs://...]   the data at ../shared/data, Python >= 3.11,
 #                                                   then launch/setup.sh --tpu
-#   run --job NAME --output-dir DIR [--bucket gs://.../NAME] [--sync-every SECONDS] -- COMMAND...
+#   run --job NAME --output-dir DIR [--hosts N] [--bucket gs://.../NAME] [--sync-every SECONDS] -- COMMAND...
 #       restore DIR from the bucket (a rerun resumes), then run COMMAND detached under a
 #       supervisor: its output goes to logs/NAME.log, SIGTERM is forwarded to it (the learner
 #       saves a checkpoint), worker 0 copies DIR to the bucket every SECONDS and when it
-#       ends, and its exit status lands in logs/NAME.rc
+#       ends, and its exit status lands in logs/NAME.rc. With N > 1 hosts in the slice the job
+#       gets QSHARP_JAX_DISTRIBUTED=1 (qsharp_jax.train then joins the multi-host runtime).
 #   logs --job NAME        print the log, following it until the job ends; exit with its status
 #   stop --job NAME        SIGTERM the job
 #   sync --job NAME --output-dir DIR --bucket gs://.../NAME   copy DIR and the log now
@@ -37,18 +38,19 @@ worker_id() {
 		echo 0
 }
 
-JOB="" OUT="" BUCKET="" SYNC_EVERY=600 DATA="" ARCHIVE="" COMMAND=()
+JOB="" OUT="" BUCKET="" SYNC_EVERY=600 HOSTS=1 DATA="" ARCHIVE="" COMMAND=()
 
 parse() {
 	while (($#)); do
 		case $1 in
-		--job | --output-dir | --bucket | --sync-every | --data | --data-archive)
+		--job | --output-dir | --bucket | --sync-every | --hosts | --data | --data-archive)
 			(($# >= 2)) || die "$1 needs a value."
 			case $1 in
 			--job) JOB=$2 ;;
 			--output-dir) OUT=$2 ;;
 			--bucket) BUCKET=${2%/} ;;
 			--sync-every) SYNC_EVERY=$2 ;;
+			--hosts) HOSTS=$2 ;;
 			--data) DATA=$2 ;;
 			--data-archive) ARCHIVE=$2 ;;
 			esac
@@ -122,6 +124,7 @@ cmd_run() {
 	if ! [[ $SYNC_EVERY =~ ^[0-9]+$ ]] || ((10#$SYNC_EVERY == 0)); then
 		die "--sync-every must be a positive number of seconds."
 	fi
+	[[ $HOSTS =~ ^[1-9][0-9]*$ ]] || die "--hosts must be the number of hosts in the slice (1 or more)."
 	mkdir -p logs
 	local pid
 	if pid=$(running_pid); then
@@ -133,7 +136,7 @@ cmd_run() {
 		mkdir -p "$OUT"
 		gcloud storage rsync --recursive "$BUCKET/output" "$OUT"
 	fi
-	local args=(--job "$JOB" --output-dir "$OUT" --sync-every "$SYNC_EVERY")
+	local args=(--job "$JOB" --output-dir "$OUT" --sync-every "$SYNC_EVERY" --hosts "$HOSTS")
 	[[ -n $BUCKET ]] && args+=(--bucket "$BUCKET")
 	setsid nohup bash launch/worker.sh _supervise "${args[@]}" -- "${COMMAND[@]}" >"$LOG" 2>&1 </dev/null &
 	local waited
@@ -150,7 +153,10 @@ cmd_supervise() {
 	echo $$ >"$PIDFILE"
 	local me syncer="" status child
 	me=$(worker_id)
-	log_line "worker $me: ${COMMAND[*]}"
+	if ((HOSTS > 1)); then
+		export QSHARP_JAX_DISTRIBUTED=1 # one process per host joins the slice's runtime
+	fi
+	log_line "worker $me of $HOSTS: ${COMMAND[*]}"
 	"${COMMAND[@]}" &
 	child=$!
 	trap 'log_line "SIGTERM: forwarding it to the job (pid $child)"; kill -TERM "$child" 2>/dev/null || true' TERM

@@ -125,7 +125,7 @@ def test_v5e8_spot_full_launch_dry_run(tmp_path):
     assert flag(run, "--worker") == "all"
     gcs = f"{BUCKET}/{name}"
     assert remote(run) == [
-        "bash", "launch/worker.sh", "run", "--job", name, "--output-dir", f"runs/{name}",
+        "bash", "launch/worker.sh", "run", "--job", name, "--output-dir", f"runs/{name}", "--hosts", "1",
         "--bucket", gcs, "--sync-every", "600", "--",
         ".venv/bin/python", "-m", "qsharp_jax.train", "--config=configs/gsm8k.py:paper",
         f"--config.output_dir=runs/{name}", REF,
@@ -153,6 +153,7 @@ def test_v4_32_multi_host_dry_run(tmp_path):
     ssh = [c for c in calls if verb(c) == "tpu-vm ssh"]
     assert [flag(c, "--worker") for c in ssh] == ["all", "all", "0", "0"]  # setup, run on every host
     run = remote(ssh[1])
+    assert run[run.index("--hosts") + 1] == "4"  # one process per host, joined by jax.distributed
     assert run[run.index("--bucket") + 1] == f"{BUCKET}/q-v4" and run[run.index("--sync-every") + 1] == "300"
     assert all(flag(c, "--zone") == "us-central2-b" for c in calls if c[1] == "compute")
     # the other hosts' logs can be streamed; there are 4 of them
@@ -264,6 +265,7 @@ BAD = [
     (["create", "--project", PROJECT, "--accelerator", "v5litepod-8"], "pass --zone ZONE"),
     (["create", "--project", PROJECT, "--zone", "us-west4", "--accelerator", "v5litepod-8"], "like us-west4-a"),
     (["create", "--project", PROJECT, "--zone", "us-west4-a"], "pass --accelerator TYPE"),
+    (["run", "--project", PROJECT, "--zone", "us-west4-a", "--name", "q1"], "run needs the TPU type"),
     (["create", *BASE[:4], "--accelerator", "tpu-8"], "is not a TPU type"),
     (["create", *BASE[:4], "--accelerator", "v5e-12"], "comes in 1, 4, 8, 16"),
     (["create", *BASE[:4], "--accelerator", "v4-12"], "sizes are multiples of 8"),

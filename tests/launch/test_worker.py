@@ -38,7 +38,7 @@ def on_term(signum, frame):
     print("saved on SIGTERM", flush=True)
     sys.exit(128 + signal.SIGTERM)
 signal.signal(signal.SIGTERM, on_term)
-print("job started, resumed=%s" % resumed, flush=True)
+print("job started, resumed=%s, distributed=%s" % (resumed, os.environ.get("QSHARP_JAX_DISTRIBUTED")), flush=True)
 open(os.path.join(out, "started"), "w").close()
 if len(sys.argv) > 2:
     sys.exit(int(sys.argv[2]))
@@ -92,9 +92,9 @@ RESTORE = ["storage", "rsync", "--recursive", GCS + "/output", "runs/job1"]
 LOG_COPY = ["storage", "cp", "logs/job1.log", GCS + "/logs/job1-worker0.log"]
 
 
-def run_args(*job_args):
-    return ("run", "--job", "job1", "--output-dir", "runs/job1", "--bucket", GCS, "--sync-every", "1", "--",
-            sys.executable, "job.py", "runs/job1", *job_args)  # fmt: skip
+def run_args(*job_args, hosts="1"):
+    return ("run", "--job", "job1", "--output-dir", "runs/job1", "--hosts", hosts, "--bucket", GCS, "--sync-every",
+            "1", "--", sys.executable, "job.py", "runs/job1", *job_args)  # fmt: skip
 
 
 def test_sigterm_is_forwarded_saved_and_synced(worker):
@@ -113,6 +113,7 @@ def test_sigterm_is_forwarded_saved_and_synced(worker):
     assert logs.returncode == 143, logs.stdout + logs.stderr  # the job's status (128 + SIGTERM)
     assert "SIGTERM: forwarding it to the job" in logs.stdout and "saved on SIGTERM" in logs.stdout
     assert "job ended with status 143" in logs.stdout
+    assert "distributed=None" in logs.stdout  # one host: no multi-host runtime
     assert (worker.repo / "runs" / "job1" / "saved").read_text() == "checkpoint"
     calls = worker.calls()
     # no restore (the bucket was empty), then the final copy of the output and the log after the job ended
@@ -133,8 +134,10 @@ def test_rerun_restores_from_the_bucket_first(worker):
 
 
 def test_failing_job_status_and_other_workers_do_not_copy(worker):
-    worker(*run_args("3"), worker_id="1")  # fails with status 3 on the second host
-    assert worker("logs", "--job", "job1", check=False).returncode == 3
+    worker(*run_args("3", hosts="2"), worker_id="1")  # fails with status 3 on the second of 2 hosts
+    logs = worker("logs", "--job", "job1", check=False)
+    assert logs.returncode == 3
+    assert "worker 1 of 2" in logs.stdout and "distributed=1" in logs.stdout  # joins the slice's runtime
     assert worker.calls() == [["storage", "ls", GCS + "/output/"]]  # only worker 0 copies to the bucket
 
 
