@@ -44,6 +44,10 @@ Options (--opt VALUE or --opt=VALUE):
                         and any run on a spot VM (a preempted VM loses its disk)
   --data DIR|gs://...   placed at ../shared/data beside the checkout on every worker
                         (default: this checkout's ../shared/data if it exists)
+  --nfs HOST:/SHARE     an NFS share (e.g. Filestore) that setup mounts at /mnt/qsharp-nfs on every
+                        worker; train then keeps the guide checkpoints there (--config.learner.
+                        checkpoint_dir=/mnt/qsharp-nfs/NAME/guide). Multi-host train needs it (or
+                        that override pointing at another directory all hosts share)
   --sync-every SECONDS  period of worker 0's copies to the bucket during a run (default 600)
   --worker N            the worker whose log `logs` streams (default 0)
   --keep                launch: keep the TPU VM after the run
@@ -149,6 +153,8 @@ OUTPUT_DIR=""
 BUCKET=""
 DATA=""
 DATA_SET=0
+NFS=""
+NFS_MOUNT=/mnt/qsharp-nfs
 SYNC_EVERY=600
 WORKER=0
 KEEP=0
@@ -168,6 +174,7 @@ set_option() {
 	--output-dir) OUTPUT_DIR=$value ;;
 	--bucket) BUCKET=${value%/} ;;
 	--data) DATA=$value DATA_SET=1 ;;
+	--nfs) NFS=$value ;;
 	--sync-every) SYNC_EVERY=$value ;;
 	--worker) WORKER=$value ;;
 	*) die "unknown option $opt; run 'bash launch/tpu_vm.sh --help' for the options (qsharp_jax arguments go after '--')." ;;
@@ -295,6 +302,15 @@ validate() {
 		[[ -f $ROOT/${CONFIG%%:*} ]] ||
 			die "--config '$CONFIG': no file $ROOT/${CONFIG%%:*}; pass a config of this checkout, e.g. --config configs/gsm8k.py:paper."
 	fi
+	if [[ -n $NFS && ! $NFS =~ ^[A-Za-z0-9.-]+:/[A-Za-z0-9_./-]*$ ]]; then
+		die "--nfs '$NFS' is not an NFS export: pass HOST:/SHARE, e.g. 10.0.0.2:/qsharp (a Filestore instance's IP address and file share)."
+	fi
+	local shared=$NFS arg
+	for arg in "${EXTRA[@]}"; do [[ $arg == --config.learner.checkpoint_dir=* ]] && shared=${arg#*=}; done
+	if [[ -n $ACCELERATOR && $MODULE == train && ($COMMAND == run || $COMMAND == launch) && -z $shared ]] &&
+		((HOSTS > 1)); then
+		die "$ACCELERATOR has $HOSTS hosts and Orbax writes each host's shards of the guide checkpoints into one directory that all of them must see: pass --nfs HOST:/SHARE (e.g. a Filestore share, mounted by setup) or -- --config.learner.checkpoint_dir=DIR on a filesystem shared by every host."
+	fi
 	if ((!DATA_SET)) && [[ -d $ROOT/../shared/data ]]; then
 		DATA=$(cd "$ROOT/../shared/data" && pwd)
 	fi
@@ -361,12 +377,14 @@ cmd_setup() {
 		gcloud_tpu tpu-vm scp "$stage/data.tar.gz" "$NAME:qsharp-jax-data.tar.gz" --worker=all
 		data=(--data-archive ../qsharp-jax-data.tar.gz)
 	fi
+	[[ -n $NFS ]] && data+=(--nfs "$NFS" --nfs-mount "$NFS_MOUNT")
 	gcloud_tpu tpu-vm ssh "$NAME" --worker=all --command="mkdir -p qsharp-jax && tar -xzf qsharp-jax-code.tar.gz -C qsharp-jax && cd qsharp-jax && $(quote_cmd bash launch/worker.sh setup "${data[@]}")"
 }
 
 job_command() {
 	JOB=(.venv/bin/python -m "qsharp_jax.$MODULE")
 	[[ $MODULE == train ]] && JOB+=("--config=$CONFIG" "--config.output_dir=$OUTPUT_DIR")
+	[[ $MODULE == train && -n $NFS ]] && JOB+=("--config.learner.checkpoint_dir=$NFS_MOUNT/$NAME/guide")
 	JOB+=("${EXTRA[@]}")
 }
 

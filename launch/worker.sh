@@ -2,8 +2,9 @@
 # The TPU-VM-worker side of launch/tpu_vm.sh, run in the checkout on every worker over
 # `gcloud compute tpus tpu-vm ssh --worker=...`:
 #
-#   setup [--data-archive FILE | --data gs://...]   the data at ../shared/data, Python >= 3.11,
-#                                                   then launch/setup.sh --tpu
+#   setup [--data-archive FILE | --data gs://...] [--nfs HOST:/SHARE --nfs-mount DIR]
+#       the data at ../shared/data, the NFS share mounted at DIR (writable), Python >= 3.11,
+#       then launch/setup.sh --tpu
 #   run --job NAME --output-dir DIR [--hosts N] [--bucket gs://.../NAME] [--sync-every SECONDS] -- COMMAND...
 #       restore DIR from the bucket (a rerun resumes), then run COMMAND detached under a
 #       supervisor: its output goes to logs/NAME.log, SIGTERM is forwarded to it (the learner
@@ -38,12 +39,12 @@ worker_id() {
 		echo 0
 }
 
-JOB="" OUT="" BUCKET="" SYNC_EVERY=600 HOSTS=1 DATA="" ARCHIVE="" COMMAND=()
+JOB="" OUT="" BUCKET="" SYNC_EVERY=600 HOSTS=1 DATA="" ARCHIVE="" NFS="" NFS_MOUNT="" COMMAND=()
 
 parse() {
 	while (($#)); do
 		case $1 in
-		--job | --output-dir | --bucket | --sync-every | --hosts | --data | --data-archive)
+		--job | --output-dir | --bucket | --sync-every | --hosts | --data | --data-archive | --nfs | --nfs-mount)
 			(($# >= 2)) || die "$1 needs a value."
 			case $1 in
 			--job) JOB=$2 ;;
@@ -53,6 +54,8 @@ parse() {
 			--hosts) HOSTS=$2 ;;
 			--data) DATA=$2 ;;
 			--data-archive) ARCHIVE=$2 ;;
+			--nfs) NFS=$2 ;;
+			--nfs-mount) NFS_MOUNT=$2 ;;
 			esac
 			shift 2
 			;;
@@ -86,8 +89,29 @@ sync_output() {
 	fi
 }
 
+# apt-get install, retried: a fresh image's first-boot apt jobs may hold the dpkg lock.
+apt_install() {
+	local attempt
+	for attempt in 1 2 3 4 5 6; do
+		if sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"; then
+			return 0
+		fi
+		log_line "apt-get install $* failed (attempt $attempt); retrying in 30 s"
+		sleep 30
+	done
+	die "could not install $* with apt-get."
+}
+
 cmd_setup() {
 	local data_dir=../shared/data
+	if [[ -n $NFS ]]; then
+		[[ -n $NFS_MOUNT ]] || die "--nfs needs --nfs-mount DIR."
+		command -v mount.nfs >/dev/null || apt_install nfs-common
+		sudo mkdir -p "$NFS_MOUNT"
+		mountpoint -q "$NFS_MOUNT" || sudo mount -t nfs -o rw,hard "$NFS" "$NFS_MOUNT"
+		sudo chmod a+rwx "$NFS_MOUNT"
+		log_line "worker $(worker_id): $NFS mounted at $NFS_MOUNT"
+	fi
 	if [[ -n $ARCHIVE ]]; then
 		mkdir -p "$data_dir"
 		tar -xzf "$ARCHIVE" -C "$data_dir"
@@ -104,14 +128,7 @@ cmd_setup() {
 		fi
 	done
 	if [[ -z $py ]]; then # TPU VM images are Ubuntu 22.04 (Python 3.10); its universe has 3.11
-		local attempt
-		for attempt in 1 2 3 4 5 6; do # the image's first-boot apt jobs may hold the dpkg lock
-			if sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3.11 python3.11-venv; then
-				break
-			fi
-			log_line "apt-get failed (attempt $attempt); retrying in 30 s"
-			sleep 30
-		done
+		apt_install python3.11 python3.11-venv
 		py=python3.11
 	fi
 	PYTHON=$py bash launch/setup.sh --tpu

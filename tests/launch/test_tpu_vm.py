@@ -140,10 +140,8 @@ def test_v5e8_spot_full_launch_dry_run(tmp_path):
 
 
 def test_v4_32_multi_host_dry_run(tmp_path):
-    out = launcher(
-        *full_launch_args("--name", "q-v4", "--sync-every", "300", accelerator="v4-32", zone="us-central2-b", spot=0),
-        tmp_path=tmp_path,
-    )
+    extra = ["--name", "q-v4", "--sync-every", "300", "--nfs", "10.0.0.2:/qsharp"]
+    out = launcher(*full_launch_args(*extra, accelerator="v4-32", zone="us-central2-b", spot=0), tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "# create: q-v4, v4-32 (16 chips, 4 host(s)), on-demand, runtime tpu-ubuntu2204-base" in out.stdout
     calls = gcloud_calls(commands(out.stdout))
@@ -152,7 +150,10 @@ def test_v4_32_multi_host_dry_run(tmp_path):
     assert "--spot" not in create
     ssh = [c for c in calls if verb(c) == "tpu-vm ssh"]
     assert [flag(c, "--worker") for c in ssh] == ["all", "all", "0", "0"]  # setup, run on every host
+    assert flag(ssh[0], "--command").endswith("--nfs 10.0.0.2:/qsharp --nfs-mount /mnt/qsharp-nfs")  # on every host
     run = remote(ssh[1])
+    # the guide checkpoints go to the share every host mounts (Orbax writes each host's shards there)
+    assert "--config.learner.checkpoint_dir=/mnt/qsharp-nfs/q-v4/guide" in run
     assert run[run.index("--hosts") + 1] == "4"  # one process per host, joined by jax.distributed
     assert run[run.index("--bucket") + 1] == f"{BUCKET}/q-v4" and run[run.index("--sync-every") + 1] == "300"
     assert all(flag(c, "--zone") == "us-central2-b" for c in calls if c[1] == "compute")
@@ -160,6 +161,16 @@ def test_v4_32_multi_host_dry_run(tmp_path):
     ok = launcher("logs", "--dry-run", "--project", PROJECT, "--zone", "us-central2-b", "--accelerator", "v4-32",
                   "--worker", "3", tmp_path=tmp_path)  # fmt: skip
     assert ok.returncode == 0 and flag(gcloud_calls(commands(ok.stdout))[0], "--worker") == "3"
+
+
+def test_multi_host_train_with_its_own_shared_checkpoint_dir(tmp_path):
+    """Instead of --nfs, a checkpoint dir on another shared filesystem is accepted as given."""
+    shared = "--config.learner.checkpoint_dir=/mnt/lustre/guide"
+    out = launcher("run", "--dry-run", "--project", PROJECT, "--zone", "us-central2-b", "--accelerator", "v4-32",
+                   "--", shared, tmp_path=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (run,) = gcloud_calls(commands(out.stdout))
+    assert remote(run)[-1] == shared and sum(a.startswith("--config.learner.checkpoint_dir") for a in remote(run)) == 1
 
 
 def test_quoting_survives_two_shells(tmp_path):
@@ -282,6 +293,9 @@ BAD = [
     (["logs", "--project", PROJECT, "--zone", "us-central2-b", "--accelerator", "v4-32", "--worker", "4"],
      "v4-32 has 4 worker(s), numbered 0 to 3"),
     (["logs", "--project", PROJECT, "--zone", "us-west4-a"], "pass --name NAME"),
+    (["launch", "--project", PROJECT, "--zone", "us-central2-b", "--accelerator", "v4-32", "--bucket", BUCKET],
+     "v4-32 has 4 hosts and Orbax writes each host's shards"),
+    (["setup", *BASE, "--nfs", "10.0.0.2"], "pass HOST:/SHARE"),
     (["create", *BASE, "--zones", "x"], "unknown option --zones"),
     (["create", *BASE, "--zone"], "--zone needs a value"),
     (["create", "run", *BASE], "unexpected argument 'run'"),
