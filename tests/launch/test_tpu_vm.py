@@ -339,3 +339,11 @@ def test_shellcheck_catches_a_defect(tmp_path):
     bad.write_text("#!/usr/bin/env bash\nrm -rf $1/tmp\n")
     out = subprocess.run([shellcheck_binary(), str(bad)], capture_output=True, text=True)
     assert out.returncode != 0 and "SC2086" in out.stdout
+
+
+def test_setup_sh_rejects_an_unknown_option_before_touching_anything(tmp_path):
+    env = clean_env(tmp_path, QSHARP_VENV=str(tmp_path / "venv"))
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "setup.sh"), "--gpu"], capture_output=True, text=True,
+                         env=env, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "unknown option '--gpu': use no option (runtime), --test or --tpu" in out.stderr
+    assert not (tmp_path / "venv").exists()
