@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -109,7 +110,9 @@ def restore_target(abstract_state: TrainState, shardings: TrainState) -> TrainSt
 def write_config(directory: str, config: dict) -> None:
     """The effective config beside the checkpoints, readable without Orbax."""
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
+    # every host of a multi-host slice writes the same file into a shared directory: one temp
+    # file each, so each rename is atomic and none removes another's
+    tmp = os.path.join(directory, f"{CONFIG_FILE}.tmp-{socket.gethostname()}-{os.getpid()}")
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True, default=str)
     os.replace(tmp, os.path.join(directory, CONFIG_FILE))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from qsharp_jax.core.sharding import check_model_fits, logical_to_spec, state_shardings
@@ -20,6 +21,14 @@ from qsharp_jax.rollout.state import LoopSpec, RolloutBatch, SamplerConfig
 
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
+
+
+def _fetch(tree):
+    """Host numpy copies of global arrays. On a multi-host slice the batch rows live on every
+    host's devices, so each host gathers all of them (every host then holds the same results)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 class Sampler:
@@ -151,7 +160,7 @@ class Sampler:
                 stop_ids,
                 np.int32(cfg.pad_id),
             )
-        steps, lengths, outs = jax.device_get(
+        steps, lengths, outs = _fetch(
             (final.step, final.lengths, (final.tokens, final.logp_policy, final.logp_ref, final.kl_token))
         )
         end = time.perf_counter()
