@@ -12,6 +12,10 @@ import sys
 import numpy as np
 import pytest
 
+# libtpu is installed for ahead-of-time TPU compilation (tests/distributed/test_aot.py); without
+# this, every JAX process on a TPU-less machine loads it at start-up and contends for its lock file.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without `pip install -e`
     sys.path.insert(0, ROOT)
