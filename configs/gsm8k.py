@@ -61,6 +61,10 @@ def _paper(c: ml_collections.ConfigDict) -> None:
     c.preset = "paper"
     c.output_dir = "runs/gsm8k_paper"
     c.reference.dtype = "bfloat16"
+    # Without remat the guide's train step keeps every layer's attention probabilities for the
+    # backward pass: 50+ GiB per device at batch 32 x 2048 on v5e-8, more than any v4/v5e/v5p
+    # chip holds (python -m qsharp_jax.plan; README "Sizing a run"). Remat changes no numbers.
+    c.learner.remat = True
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

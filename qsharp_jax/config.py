@@ -78,6 +78,15 @@ def mesh_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
 
+def distributed_defaults() -> ml_collections.ConfigDict:
+    """Multi-host start-up (:func:`qsharp_jax.core.multihost.initialize`).
+
+    mode "auto": start ``jax.distributed`` when a coordinator is set (here or in
+    ``JAX_COORDINATOR_ADDRESS``) or on one host of a multi-host TPU slice (JAX detects the
+    rest); "on": always; "off": never. -1 / "" = take it from the environment."""
+    return ml_collections.ConfigDict(dict(mode="auto", coordinator_address="", num_processes=-1, process_id=-1))
+
+
 def job_defaults() -> ml_collections.ConfigDict:
     """Every section of the Q# job (``python -m qsharp_jax.train``) with the paper's values
     (spec 4.3, 7); ``configs/*.py`` start from this and change what their task needs."""
@@ -133,6 +142,11 @@ def job_defaults() -> ml_collections.ConfigDict:
     c.eval.every_iteration = True  # False: evaluate the last iteration's guide only
 
     c.mesh = mesh_defaults()
+    # The TPU slice the job runs on (e.g. "v5e-8", "v4-32"; see `python -m qsharp_jax.plan`): the
+    # job refuses a config whose programs cannot fit it before loading anything. "" = the running
+    # TPU slice when it is a known one; no check on CPU.
+    c.topology = ""
+    c.distributed = distributed_defaults()  # multi-host start-up (jax.distributed)
     return c
 
 
@@ -166,4 +180,5 @@ def apply_model_preset(c: ml_collections.ConfigDict, name: str) -> None:
     c.reference.path = models["reference"]
     c.reference.dtype = "bfloat16"
     c.learner.guide.path = models["guide"]
+    c.learner.remat = True  # see configs/gsm8k.py::_paper
     c.output_dir = f"runs/{c.task}_{name}"

@@ -86,9 +86,19 @@ def _summary_writer(logdir: str):
 class MetricsWriter:
     """Scalars to TensorBoard (``logdir``; None disables) and a tqdm progress bar on stdout."""
 
-    def __init__(self, logdir: str | None, total_steps: int, initial_step: int = 0, disable_bar: bool = False):
+    def __init__(
+        self,
+        logdir: str | None,
+        total_steps: int,
+        initial_step: int = 0,
+        disable_bar: bool = False,
+        quiet: bool = False,
+    ):
+        """quiet: no bar, no step lines, no TensorBoard (the processes other than 0 of a multi-host run)."""
         from tqdm.auto import tqdm
 
+        self.quiet = quiet
+        logdir, disable_bar = (None, True) if quiet else (logdir, disable_bar)
         self.writer = _summary_writer(logdir) if logdir else None
         self.bar = tqdm(
             total=total_steps,
@@ -109,7 +119,8 @@ class MetricsWriter:
                     self.writer.add_scalar(f"{prefix}/{k}", float(v), step)
         shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "ece", "lr", "tokens_per_s")}
         self.bar.set_postfix(shown, refresh=False)
-        self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
+        if not self.quiet:
+            self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
 
     def reliability(self, step: int, table, prefix: str = "calibration") -> None:
         if self.writer is None:

@@ -113,6 +113,9 @@ def workload_from_config(
     reference = reference or presets.get(cfg.reference.path)
     guide = guide or presets.get(cfg.learner.guide.path or cfg.reference.path)
     s, lc = cfg.sampler, cfg.learner
+    layers = int(lc.guide.get("num_layers", -1))
+    if layers != -1:  # a smaller guide: the backbone's first layers
+        guide = guide.replace(num_layers=min(layers, guide.num_layers))
     shards = batch_shards(sample_mesh_shape, rules)
     prompts = round_up(s.problems_per_batch, int(np.lcm(s.problems_per_batch, shards)))
     h = lc.guide.head

@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from qsharp_jax.checkpoints import files, loader, training as checkpointing
-from qsharp_jax.core import losses, metrics, optim
+from qsharp_jax.core import losses, metrics, multihost, optim
 from qsharp_jax.core.sharding import DEFAULT_RULES, check_model_fits, make_mesh
 from qsharp_jax.guidance import batching, train_step as ts
 from qsharp_jax.guidance.model import DISTRIBUTIONS, INITS, KINDS, GuidanceModel, HeadConfig, build as build_head
@@ -272,7 +272,8 @@ def fit(
     ckpt = None
     if cfg.checkpoint_dir:
         ckpt = checkpointing.Checkpointer(cfg.checkpoint_dir, keep=cfg.keep, async_save=cfg.async_checkpointing)
-        checkpointing.write_config(cfg.checkpoint_dir, effective)
+        if multihost.is_main():  # one writer; the Orbax checkpoints themselves are saved by every process
+            checkpointing.write_config(cfg.checkpoint_dir, effective)
     logdir = cfg.logdir or (f"{cfg.checkpoint_dir}/tensorboard" if cfg.checkpoint_dir else None)
 
     with jax.set_mesh(mesh):
@@ -308,7 +309,10 @@ def _to_device(host_batch: dict, shardings: dict) -> dict:
 
 def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effective, data_id, logdir):
     start = int(jax.device_get(state.step))
-    writer = metrics.MetricsWriter(logdir, total_steps, start, disable_bar=not cfg.progress_bar)
+    # multi-host: only process 0 logs, shows the bar and writes TensorBoard events
+    writer = metrics.MetricsWriter(
+        logdir, total_steps, start, disable_bar=not cfg.progress_bar, quiet=not multihost.is_main()
+    )
     last_saved = start
     history = []
 

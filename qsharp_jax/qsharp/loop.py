@@ -30,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from qsharp_jax.checkpoints import loader
-from qsharp_jax.core import sharding
+from qsharp_jax.core import multihost, sharding
+from qsharp_jax.distributed import planner, topologies
 from qsharp_jax.guidance import learner as learner_lib, scoring
 from qsharp_jax.qsharp import collect, evaluation, report
 from qsharp_jax.qsharp.job_config import ConfigError, model_path, save_effective_config, validate_config
@@ -46,11 +47,13 @@ def _take(problems, count):
 
 
 def _log(message: str) -> None:
+    if not multihost.is_main():  # multi-host: process 0 logs
+        return
     tqdm.write(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr)
 
 
 def _progress(desc: str):
-    return lambda items: tqdm(items, desc=desc, leave=False, file=sys.stderr)
+    return lambda items: tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=not multihost.is_main())
 
 
 def _read_json(path: str):
@@ -59,6 +62,8 @@ def _read_json(path: str):
 
 
 def _write_json(path: str, value) -> None:
+    if not multihost.is_main():  # every process holds the same (gathered) results; one writes
+        return
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -178,8 +183,10 @@ class QSharpRun:
                     problems_per_batch=s.problems_per_batch,
                     progress=_progress(f"collect {iteration} shard {shard + 1}/{self.num_shards()}"),
                 )
-                collect.save_rollouts(path, part)
+                if multihost.owns(shard):  # multi-host: shards are written round-robin by process
+                    collect.save_rollouts(path, part)
             rollouts += part
+        multihost.sync(f"rollouts {iteration} saved")
         correct = sum(r.response_correct for r in rollouts) / max(len(rollouts), 1)
         mean_reward = sum(r.reward for r in rollouts) / max(len(rollouts), 1)
         _log(
@@ -381,13 +388,14 @@ class QSharpRun:
             summary["sweep"] = points
             eval_dir = os.path.join(self.out, "eval")
             _write_json(os.path.join(eval_dir, "sweep.json"), points)
-            report.write_csv(os.path.join(eval_dir, "sweep.csv"), points)
-            report.plot_accuracy_vs_kl(
-                os.path.join(eval_dir, "accuracy_vs_kl.png"),
-                points,
-                title=f"{cfg.task}: accuracy vs KL "
-                f"({len(self.eval_problems)} problems x {cfg.eval.samples_per_problem} samples)",
-            )
+            if multihost.is_main():
+                report.write_csv(os.path.join(eval_dir, "sweep.csv"), points)
+                report.plot_accuracy_vs_kl(
+                    os.path.join(eval_dir, "accuracy_vs_kl.png"),
+                    points,
+                    title=f"{cfg.task}: accuracy vs KL "
+                    f"({len(self.eval_problems)} problems x {cfg.eval.samples_per_problem} samples)",
+                )
         if cfg.eval.reward_model:
             last = self.guide(cfg.collect.iterations)
             rm = {"pi_ref + Q# RM": self.reward_model("pi_ref", last)}
@@ -404,16 +412,39 @@ class QSharpRun:
         return summary
 
 
+def check_fits(cfg: ml_collections.ConfigDict) -> None:
+    """Refuse, before loading anything, a config whose programs cannot fit the target TPU slice
+    (``cfg.topology``, or the running slice when it is a known one): the analytic plan of
+    :mod:`qsharp_jax.distributed.planner` on the config's mesh, naming the knob to change."""
+    name = cfg.get("topology") or ""
+    topo = topologies.get(name) if name else topologies.detect(jax.devices())
+    if topo is None:
+        return  # CPU, or a slice with no preset: nothing to check against
+    try:
+        planner.check_config(cfg, topo)
+    except planner.PlanError as e:
+        raise ConfigError(str(e)) from None
+    except ValueError as e:  # an architecture the planner cannot read without loading (e.g. a .gguf)
+        _log(f"memory plan for {topo.name} skipped: {e}")
+
+
 def run(cfg: ml_collections.ConfigDict) -> dict:
-    """Validate, save the effective config, run every iteration and the evaluation sweep;
-    returns the summary (``policies``, ``sweep``, ``reward_model``, ``calibration``)."""
+    """Start jax.distributed if configured, validate, check the memory plan, save the effective
+    config, run every iteration and the evaluation sweep; returns the summary (``policies``,
+    ``sweep``, ``reward_model``, ``calibration``)."""
+    multihost.initialize_from_config(cfg)  # before any other JAX call
     validate_config(cfg, num_devices=jax.device_count())
+    check_fits(cfg)
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
-    path = save_effective_config(cfg, os.path.abspath(cfg.output_dir))
-    _log(f"effective config saved to {path}")
+    if multihost.is_main():
+        path = save_effective_config(cfg, os.path.abspath(cfg.output_dir))
+        _log(f"effective config saved to {path}")
+    multihost.sync("effective config saved")
     t = time.time()
     summary = QSharpRun(cfg).run()
+    if not multihost.is_main():
+        return summary
     out = os.path.abspath(cfg.output_dir)
     print(f"\nQ# {cfg.preset} on {cfg.task}: done in {time.time() - t:.0f}s, output in {out}")
     print(report.summary_table(summary["policies"]))
