@@ -5,12 +5,14 @@ tiny model from abstract inputs and compiles them for ``v5e:2x2`` in a subproces
 then never touches the pytest worker's JAX backends). The tiny model's dimensions are
 multiples of TPU tiles (128 lanes) so layout padding does not swamp the comparison.
 
-Analytic vs compiled peak bytes per device must agree within [0.7, 1.3]: weights, KV
-caches and optimizer state are exact in both (the decode test below checks XLA's argument
-bytes against them to 64 KiB); the gap is the activation model, which counts the residuals
-autodiff keeps and the loop's buffers while XLA fuses some of them away and adds its own
-layout copies and scratch. Measured ratios: 0.80 (prefill), 1.06 (decode), 0.96 (train step)
-on this tiny model; 1.01, 0.98 and 0.84 for Llama-3-8B + 3.2-1B on v5e-8 (docs/benchmarks.md).
+Analytic vs compiled peak bytes per device must agree within a factor of 1.5 either way, the
+accuracy the planner documents: weights, KV caches and optimizer state are exact in both (the
+decode test below checks XLA's argument bytes against them to 64 KiB); the gap is the
+activation model, which counts the residuals autodiff keeps, one layer's backward
+temporaries and the loop's buffers, while XLA fuses some of them away and adds its own
+layout copies and scratch. Measured compiled/analytic: 0.80 (prefill), 1.06 (decode), 0.74
+(train step) on this tiny model; 0.99, 0.97 and 1.24 for Llama-3-8B + 3.2-1B on v5e-16
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def test_compile_tiny_programs_for_v5e_2x2(tmp_path):
         assert r["error"] == "", (name, r["error"])
         assert r["temp"] > 0 and r["flops"] > 0
         ratio = r["compiled"] / r["analytic"]
-        assert 0.7 <= ratio <= 1.3, (name, ratio, r)
+        assert 1 / 1.5 <= ratio <= 1.5, (name, ratio, r)
     # the decode's arguments are the weights and caches (+ a few scalars and row vectors), and
     # the donated caches come back in place
     d = out["decode"]
@@ -101,6 +103,7 @@ def _paper_config():
 def test_job_guard_refuses_paper_learner_without_remat_and_names_the_knob():
     cfg = _paper_config()
     cfg.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    cfg.learner.remat = False
     with pytest.raises(planner.PlanError, match=r"train_step needs .* GiB per device on v5e-8.*learner.remat=True"):
         planner.check_config(cfg, "v5e-8")
     cfg.learner.remat = True
@@ -150,6 +153,7 @@ def test_main_job_refuses_before_loading_anything(tmp_path, monkeypatch):
     cfg.output_dir = str(tmp_path / "run")
     cfg.topology = "v5e-8"
     cfg.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    cfg.learner.remat = False
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("the job loaded models before checking the memory plan")
