@@ -97,3 +97,25 @@ def test_two_processes_match_one(tmp_path):
         tol = STEPS * LR * 2 * SHARDS * eps + np.spacing(np.abs(a[k]).max())
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=tol, err_msg=k)
     np.testing.assert_allclose(b["losses"], a["losses"], rtol=4 * SHARDS * eps)
+
+
+def test_initialize_checks_its_arguments(monkeypatch):
+    from qsharp_jax.core import multihost
+
+    for name in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"distributed.mode='sometimes' is not one of \('auto', 'on', 'off'\)"):
+        multihost.initialize("sometimes")
+    assert multihost.initialize("auto") is False  # no coordinator and not a TPU slice: one process
+    assert multihost.initialize("off", "localhost:1234", 2, 0) is False
+    with pytest.raises(ValueError, match=r"set distributed.num_processes and distributed.process_id"):
+        multihost.initialize("auto", "localhost:1234")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-w-0")  # one host: no jax.distributed needed
+    assert multihost.initialize("auto") is False
+    assert multihost.share(list(range(7)), index=1, count=3) == [1, 4]
