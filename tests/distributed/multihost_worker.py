@@ -1,4 +1,4 @@
-"""One process of the multi-host test (run by test_multihost.py, never collected by pytest).
+"""One process of the multi-host test (run by test_multiprocess.py, never collected by pytest).
 
 argv: process_id num_processes devices_per_process coordinator_port out_dir
 
