@@ -8,6 +8,7 @@ evaluate everything on held-out test graphs and write table, JSON and bar chart 
 phases restart from their last Orbax checkpoint).
 
 Presets:
+  g2_3            G(2,3): the smallest star graph with a choice (one hop from the choice to the goal).
   g2_5 (default)  G(2,5): degree 2, path length 5, 50 node labels.
   g5_5            G(5,5).
   g3_8            G(3,8).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
-PRESETS = ("quick", "g2_5", "g5_5", "g3_8")
+PRESETS = ("quick", "g2_3", "g2_5", "g5_5", "g3_8")
 METHODS = ("pretrained", "reinforce", "dpo", "rpo", "cd", "qsharp", "qsharp_online")
 
 
@@ -55,7 +56,7 @@ def _base() -> ml_collections.ConfigDict:
         dict(
             init="reference",  # "reference": parameters from pi_ref where they fit; "scratch"
             hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256,
-            steps=2_000, eval_every=250, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.1,
+            steps=1_000, eval_every=250, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.1,
             clip=1.0, seed=47, log_every=100,
         )
     )  # fmt: skip
@@ -75,7 +76,7 @@ def _base() -> ml_collections.ConfigDict:
     c.rpo.alpha = 1.0
     # Q# online: one more Algorithm 1 round from the offline classifier's guided policy
     # (classifier_steps: its classifier's steps, 0 = classifier.steps)
-    c.online = ml_collections.ConfigDict(dict(graphs=2_000, classifier_steps=1_000))
+    c.online = ml_collections.ConfigDict(dict(graphs=2_000, classifier_steps=500))
     # evaluation (spec 5.6): sampling, top-k 10, temperature 1, eta 0.1, exact match of the path
     c.eval = ml_collections.ConfigDict(dict(top_k=10, temperature=1.0, eta=0.1, chunk=500, seed=1337))
     return c
@@ -92,13 +93,20 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         c.graph.update(degree=5, path_len=5)
     elif preset == "g3_8":
         c.graph.update(degree=3, path_len=8)
-    elif preset == "quick":  # G(2,3): the smallest star graph with a choice; minutes on 2 cores
+    elif preset == "g2_3":  # the smallest star graph with a choice (not in the paper)
         c.graph.update(degree=2, path_len=3)
-        c.data.update(pretrain=10_000, posttrain=2_000, test=500, heldout=200)
+        c.data.update(posttrain=10_000)
+        c.pretrain.update(batch_size=64)
+        c.classifier.num_layers = 3
+    elif preset == "quick":  # G(2,3), the smallest star graph with a choice; tiny budgets (the CI test)
+        c.graph.update(degree=2, path_len=3)
+        c.data.update(pretrain=10_000, posttrain=800, test=300, heldout=100)
         c.pretrain.update(steps=500, batch_size=64, warmup_steps=50, log_every=100, save_every=250)
-        c.classifier.update(num_layers=3, steps=300, eval_every=100, batch_size=64, warmup_steps=30, log_every=50)
-        c.reinforce.update(steps=20, batch_size=64, log_every=10, save_every=10)
-        c.dpo.update(steps=20, batch_size=64, warmup_steps=5, log_every=10, save_every=10)
-        c.rpo.update(steps=20, batch_size=64, warmup_steps=5, log_every=10, save_every=10)
-        c.online.update(graphs=500, classifier_steps=300)
+        c.collect.update(max_tries=8)
+        c.classifier.update(num_layers=3, steps=100, eval_every=50, batch_size=64, warmup_steps=20, log_every=50)
+        c.reinforce.update(steps=10, batch_size=64, log_every=10, save_every=10)
+        c.dpo.update(steps=10, batch_size=64, warmup_steps=2, log_every=10, save_every=10)
+        c.rpo.update(steps=10, batch_size=64, warmup_steps=2, log_every=10, save_every=10)
+        c.online.update(graphs=200, classifier_steps=50)
+        c.eval.chunk = 300
     return c
