@@ -469,6 +469,11 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         ),
         pretrain_curve=pre["history"],
         classifier_curve=_read_json(curve_path) if os.path.exists(curve_path) else None,
+        classifier_online_curve=(
+            _read_json(r._p("classifier_online", "curve.json"))
+            if os.path.exists(r._p("classifier_online", "curve.json"))
+            else None
+        ),
         timings_s={k: round(v, 1) for k, v in r.timings.items()},
         wall_time_this_call_s=round(time.time() - start, 1),
         config=json.loads(cfg.to_json_best_effort()),
@@ -481,5 +486,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         n_test = len(r.arrays["test"][0])
         title = f"Star graph G({degree},{r.spec.path_len}), {r.spec.num_nodes} nodes, {n_test} test graphs"
         report.bar_chart(r._p("accuracy.png"), results, title, degree)
+        curves = {}
+        for name in ("classifier", "classifier_online"):
+            path = r._p(name, "curve.json")
+            curves[name] = _read_json(path) if os.path.exists(path) else None
+        report.curves_chart(r._p("curves.png"), pre["history"], curves, title, degree)
     print(text)
     return results

@@ -56,3 +56,34 @@ def bar_chart(path: str, results: dict, title: str, degree: int) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def curves_chart(path: str, pretrain_curve: list, classifier_curves: dict, title: str, degree: int) -> None:
+    """Left: the reference's pretraining (loss; teacher-forced accuracy at the first decision and
+    at every other target token). Right: the classifier's held-out first-decision pair accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3), dpi=120)
+    steps = [p["step"] for p in pretrain_curve]
+    a.plot(steps, [p["loss"] for p in pretrain_curve], "k-", label="next-token loss")
+    a.plot(steps, [p["other_tokens_acc"] for p in pretrain_curve], "g--", label="TF acc, other tokens")
+    a.plot(steps, [p["first_decision_acc"] for p in pretrain_curve], "r--", label="TF acc, first decision")
+    a.axhline(1 / degree, color="gray", lw=0.6, ls=":")
+    a.set_xlabel("pretraining step")
+    a.set_title("reference (pi_ref)", fontsize=9)
+    a.legend(fontsize=7, frameon=False)
+    for name, curve in classifier_curves.items():
+        if curve:
+            b.plot([p["step"] for p in curve], [p["first_decision_pair_acc"] for p in curve], "o-", label=name)
+    b.axhline(0.5, color="gray", lw=0.6, ls=":")
+    b.set_ylim(0, 1)
+    b.set_xlabel("classifier step")
+    b.set_title("classifier: held-out first-decision pair accuracy", fontsize=9)
+    b.legend(fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
