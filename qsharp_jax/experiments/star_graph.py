@@ -196,10 +196,14 @@ class StarGraphRun:
         return os.path.join(self.out, *parts)
 
     def _timed(self, name, fn):
+        """Run ``fn`` and add its wall time to ``timings.json`` under ``name`` (re-read first, so
+        two processes running disjoint method subsets in one output_dir keep each other's entries)."""
         t = time.time()
         value = fn()
+        path = self._p("timings.json")
+        self.timings = _read_json(path) if os.path.exists(path) else {}
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - t
-        report.write_json(self._p("timings.json"), self.timings)
+        report.write_json(path, self.timings)
         return value
 
     # -- data ---------------------------------------------------------------------------------
