@@ -67,7 +67,7 @@ def sampler_defaults() -> ml_collections.ConfigDict:
     c.temperature = 0.8
     c.top_p = 0.9
     c.k = 20  # guidance candidates per step (top-k of the reference logits); HF top-k is off
-    c.guidance = "qsharp"  # "qsharp" (ln E exp(z/eta)) or "cd" (E[z]/eta)
+    c.guidance = "qsharp"  # "qsharp" (ln E exp(z/eta)), "cd" (E[z]/eta); "cd_logp" is the star-graph CD
     c.problems_per_batch = 8  # prompts per generate() call (x samples rows)
     c.prompt_bucket = 64  # prompts are left-padded to a multiple of this: one compile per bucket
     return c

@@ -1,7 +1,9 @@
 """The Q# job: ``python -m qsharp_jax.train --config=configs/gsm8k.py[:PRESET] [--config.key=value ...]``.
 
 Flags in, one library call out: :func:`qsharp_jax.qsharp.loop.run` does the work (its
-docstring describes the iterations and the output directory).
+docstring describes the iterations and the output directory). A config with
+``experiment = "star_graph"`` (``configs/star_graph.py``) runs
+:func:`qsharp_jax.experiments.star_graph.run` instead.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qsharp_jax.core.sharding import maybe_initialize_distributed
+from qsharp_jax.experiments import star_graph
 from qsharp_jax.qsharp.job_config import unknown_override_keys
 from qsharp_jax.qsharp.loop import ConfigError, run
 
@@ -49,8 +52,11 @@ def main(argv) -> None:
     if cfg is None:
         raise app.UsageError("pass --config=configs/gsm8k.py (optionally :PRESET, e.g. configs/gsm8k.py:paper).")
     try:
-        run(cfg)
-    except ConfigError as e:
+        if cfg.get("experiment", "qsharp") == "star_graph":
+            star_graph.run(cfg)
+        else:
+            run(cfg)
+    except (ConfigError, star_graph.ConfigError) as e:
         sys.exit(f"error: {e}")
 
 

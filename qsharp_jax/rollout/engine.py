@@ -13,6 +13,7 @@ left padding) is fed by the first loop step, so every step does the same thing:
    (V-type: one forward of [newest token | k candidates] with ``n_write=1``, so the
    candidates are probes that never enter the guide's cache; Q-type: one guide token,
    head read at the k candidate columns); the offset is scatter-added to those k logits;
+   ("cd_logp", the star-graph CD: the offset is ln p and every non-candidate is masked);
 3. / temperature -> top-k -> exact top-p -> sample; record log-probs and KL.
 
 The guide is duck-typed (``backbone``, ``hidden``, ``head_outputs``, ``q_head_at``,
@@ -84,9 +85,13 @@ prefill_jit = jax.jit(prefill, static_argnums=(0, 1, 2, 3))
 def guidance_offsets(guide, out: jax.Array, guidance: str, inv_eta) -> jax.Array:
     """[N, k] logit offsets from guide head outputs at the k candidates ([N, k] or [N, k, A]).
     Q#: ln E[exp(Z/eta)] (categorical min-shifted over the k, Bernoulli not shifted);
-    CD: E[Z]/eta."""
+    CD: E[Z]/eta; star-graph CD ("cd_logp"): ln E[Z] (eta cancels in the softmax)."""
     if guidance == "cd":
         return guide.mean(out) * inv_eta
+    if guidance == "cd_logp":
+        if guide.head_cfg.distribution == "bernoulli":
+            return jax.nn.log_sigmoid(out.astype(jnp.float32))
+        return jnp.log(jnp.maximum(guide.mean(out), jnp.finfo(jnp.float32).tiny))
     offset = guide.log_mgf(out, inv_eta)
     if guide.head_cfg.distribution == "categorical":
         offset = offset - jnp.min(offset, axis=-1, keepdims=True)
@@ -142,7 +147,11 @@ def decode(
             candidates = jax.lax.top_k(ref_logits, spec.k)[1]
             out, guide_cache = candidate_scores(guide, guide_cache, s.newest, s.position, candidates)
             offset = guidance_offsets(guide, out, spec.guidance, knobs["inv_eta"])
-            logits = ref_logits.at[rows, candidates].add(offset)  # other logits untouched
+            if spec.guidance == "cd_logp":  # star-graph CD: only the k candidates stay sampleable
+                picked = jnp.take_along_axis(ref_logits, candidates, axis=-1) + offset
+                logits = jnp.full_like(ref_logits, -jnp.inf).at[rows, candidates].set(picked)
+            else:
+                logits = ref_logits.at[rows, candidates].add(offset)  # other logits untouched
             guide_cache = _constrain_cache(guide_cache, guide.backbone.rules)
         log_ref = sampling.reference_log_probs(ref_logits, knobs["temperature"])
         # unguided, the policy starts from the same tempered softmax as the reference

@@ -13,14 +13,16 @@ from typing import Any
 import jax
 import numpy as np
 
-GUIDANCE_KINDS = ("qsharp", "cd")
+# "cd_logp" is the star-graph code's CD (spec 1.5 / 8.5): offset log p (FUDGE-style, pi_ref * p)
+# and every token outside the k candidates masked, as the authors' star-graph sampler does.
+GUIDANCE_KINDS = ("qsharp", "cd", "cd_logp")
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     max_new_tokens: int = 256
     k: int = 20  # guidance candidates per step (top-k of the raw reference logits)
-    guidance: str = "qsharp"  # "qsharp": ln E[exp(Z/eta)]; "cd": E[Z]/eta
+    guidance: str = "qsharp"  # "qsharp": ln E[exp(Z/eta)]; "cd": E[Z]/eta; "cd_logp": ln E[Z], top-k only
     stop_ids: tuple = ()  # a row stops after emitting any of these (the stop token is kept)
     pad_id: int = 0  # written after a row stops (and used for left padding)
     prompt_bucket: int = 64  # padded prompt length = a multiple of this (bounds recompiles)
