@@ -259,7 +259,11 @@ class Decoder(nnx.Module):
             index = cache.index
             slot_valid = jax.lax.dynamic_update_slice(cache.mask, written, (0, index))
             slots = jnp.arange(cache.length)
-        ctx_mask = slot_valid[:, None, :] & (slots[None, None, :] <= index + last_visible[None, :, None])
+        # A query must not see the context tokens written after it in this call; any other
+        # valid slot is earlier context (slots past index + n_write are only valid when the
+        # cache is used as a circular buffer, and then they hold older tokens).
+        later = (slots[None, :] > index + last_visible[:, None]) & (slots[None, :] < index + n_write)
+        ctx_mask = slot_valid[:, None, :] & ~later[None]
         probe_visible = q_idx >= n_write
         inv_freq = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)
 
