@@ -36,6 +36,8 @@ import statistics
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's OpenMP threads must not spin on a shared CPU
+
 import jax
 import jax.numpy as jnp
 import numpy as np
