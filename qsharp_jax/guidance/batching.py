@@ -163,16 +163,18 @@ def bucketed_padded_fraction(data: BucketedExamples, batch_size: int) -> float:
     return 1.0 - real / total if total else 0.0
 
 
-def pack_examples(data: BucketedExamples, batch_size: int) -> PackedExamples:
+def pack_examples(data: BucketedExamples, batch_size: int, row_multiple: int = 1) -> PackedExamples:
     """Pack the bucketed examples (already truncated) into rows of the smallest bucket that
-    holds the longest one. rows_per_batch is the smallest divisor of ``batch_size`` that holds
-    about ``batch_size`` examples on average (a divisor, so that a mesh that splits
-    ``batch_size`` rows splits these rows too; the same on every mesh)."""
+    holds two of the longest (the largest bucket if none does: rows of one long example leave
+    little room). rows_per_batch is the divisor of ``batch_size`` closest to holding
+    ``batch_size`` examples on average (a divisor, so that a mesh that splits ``batch_size``
+    rows splits these rows too), among those that are multiples of ``row_multiple`` (the
+    mesh's batch shards) when there are any."""
     examples = tuple(e for exs in data.examples for e in exs)
     if not examples:
         return PackedExamples((), (), data.buckets[0], batch_size, data.num_dropped, data.num_truncated)
     lengths = np.asarray([example_length(e) for e in examples])
-    row_length = int(data.buckets[int(np.searchsorted(data.buckets, lengths.max()))])
+    row_length = int(data.buckets[min(int(np.searchsorted(data.buckets, 2 * lengths.max())), len(data.buckets) - 1)])
     order = np.argsort(-lengths, kind="stable")
     free: list[tuple[int, int]] = []  # (space left, row id), ascending: best fit = first that fits
     rows: list[list[int]] = []
@@ -188,7 +190,9 @@ def pack_examples(data: BucketedExamples, batch_size: int) -> PackedExamples:
         if space - n > 0:
             bisect.insort(free, (space - n, row))
     target = batch_size * float(lengths.mean()) / row_length
-    per_batch = min(d for d in range(1, batch_size + 1) if batch_size % d == 0 and (d >= target or d == batch_size))
+    divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+    divisors = [d for d in divisors if d % row_multiple == 0] or divisors
+    per_batch = min(divisors, key=lambda d: abs(np.log(d / max(target, 1e-9))))
     return PackedExamples(
         examples, tuple(tuple(r) for r in rows), row_length, per_batch, data.num_dropped, data.num_truncated
     )

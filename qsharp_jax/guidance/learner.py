@@ -222,7 +222,8 @@ def fit(
     pack = bool(cfg.get("pack", True))
     padding = dict(bucketed=batching.bucketed_padded_fraction(data, cfg.batch_size))
     if pack:
-        packed = batching.pack_examples(data, cfg.batch_size)
+        shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+        packed = batching.pack_examples(data, cfg.batch_size, row_multiple=shards)
         stream = batching.PackedStream(packed, cfg.seed, cfg.pad_id)
         rows_per_batch = packed.rows_per_batch
         padding.update(packed=packed.padded_fraction(), row_length=packed.row_length, rows_per_batch=rows_per_batch)
@@ -240,7 +241,8 @@ def fit(
         cfg = cfg.copy_and_resolve_references()
         cfg.guide.head.update(dataclasses.asdict(head))  # record the model's actual head
     losses.check_loss_matches_head(cfg.loss_type, head.distribution)
-    check_model_fits(guide.cfg, mesh, rules, batch=rows_per_batch, name="guidance model")
+    check_model_fits(guide.cfg, mesh, rules, batch=cfg.batch_size, name="guidance model")
+    check_model_fits(guide.cfg, mesh, rules, batch=rows_per_batch, name="guidance model (packed rows)")
 
     total_steps = cfg.epochs * stream.batches_per_epoch
     if cfg.max_steps > 0:

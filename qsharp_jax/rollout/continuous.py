@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qsharp_jax.models.decoder import KVCache, init_cache, positions_from_mask
-from qsharp_jax.rollout.engine import _constrain_cache, decode_step
+from qsharp_jax.rollout.engine import constrain_cache, decode_step
 from qsharp_jax.rollout.state import LoopSpec, SlotState
 
 
@@ -36,7 +36,7 @@ def init_slots(ref_graph, guide_graph, slots: int, cache_len: int, max_new_token
 
     def empty(graph, state):
         model = _backbone(nnx.merge(graph, state))
-        return _constrain_cache(init_cache(model.cfg, slots, cache_len, model.dtype), model.rules)
+        return constrain_cache(init_cache(model.cfg, slots, cache_len, model.dtype), model.rules)
 
     zeros = jnp.zeros((slots, max_new_tokens), jnp.float32)
     return SlotState(
@@ -80,7 +80,7 @@ def _insert_prompts(model, cache: KVCache, tokens, mask, src, dst) -> KVCache:
         mask=cache.mask.at[dst].set(row_mask, mode="drop"),
         index=cache.index,
     )
-    return _constrain_cache(new, model.rules)
+    return constrain_cache(new, model.rules)
 
 
 def refill(ref_graph, guide_graph, ref_state, guide_state, state: SlotState, tokens, mask, src, dst, keys, pad_id):

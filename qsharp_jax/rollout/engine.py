@@ -33,7 +33,7 @@ from qsharp_jax.models.decoder import KVCache, cache_logical_axes, init_cache, p
 from qsharp_jax.rollout.state import DecodeState, LoopSpec
 
 
-def _constrain_cache(cache: KVCache, rules) -> KVCache:
+def constrain_cache(cache: KVCache, rules) -> KVCache:
     axes = cache_logical_axes(cache)
     return jax.tree.map(
         lambda x, a: constrain(x, a, rules),
@@ -66,7 +66,7 @@ def _prefill_one(model, tokens, mask, cache_len: int, n: int):
         mask=grow(cache.mask, 1),
         index=jnp.asarray(length - 1, jnp.int32),
     )
-    return _constrain_cache(cache, model.rules)
+    return constrain_cache(cache, model.rules)
 
 
 def prefill(ref_graph, guide_graph, n: int, max_new_tokens: int, ref_state, guide_state, tokens, mask):
@@ -131,7 +131,7 @@ def decode_step(
         out, guide_cache = candidate_scores(guide, guide_cache, newest, position, candidates)
         offset = guidance_offsets(guide, out, spec.guidance, knobs["inv_eta"])
         logits = ref_logits.at[rows, candidates].add(offset)  # other logits untouched
-        guide_cache = _wrap(_constrain_cache(guide_cache, guide.backbone.rules))
+        guide_cache = _wrap(constrain_cache(guide_cache, guide.backbone.rules))
     log_ref = sampling.reference_log_probs(ref_logits, knobs["temperature"])
     # unguided, the policy starts from the same tempered softmax as the reference
     tempered = sampling.reference_log_probs(logits, knobs["temperature"]) if spec.guided else log_ref
@@ -144,7 +144,7 @@ def decode_step(
     picked = lambda logp: jnp.where(active, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0)
     kl = jnp.where(active, sampling.kl_divergence(log_pi, log_ref), 0.0)
     stopped = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
-    ref_cache = _wrap(_constrain_cache(ref_cache, ref.rules))
+    ref_cache = _wrap(constrain_cache(ref_cache, ref.rules))
     return token, stopped, picked(log_pi), picked(log_ref), kl, ref_cache, guide_cache
 
 
