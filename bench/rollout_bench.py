@@ -137,6 +137,40 @@ def summarize(name, batch, wall, compile_s, lengths, steps):
     )
 
 
+def replay(lengths, batch: int, n: int, segment: int, max_new: int) -> dict:
+    """Decode steps and slot utilisation of static vs continuous batching for given row
+    lengths (rows in order, n per prompt), by replaying the sampler's schedules without a
+    model: static = one call per ``batch`` rows, each until its longest row stops;
+    continuous = ``Sampler._continuous``'s refill rule (a segment ends after ``segment``
+    steps or once slots // 8 slots are free while rows are pending). A projection of the
+    utilisation only (it ignores prefill and per-step cost differences)."""
+    lengths = np.minimum(np.asarray(lengths), max_new)
+    static = sum(int(lengths[i : i + batch].max()) for i in range(0, len(lengths), batch))
+    left = np.zeros(batch, int)  # steps left per slot (0 = free)
+    pending, steps = 0, 0
+    while pending < len(lengths) or left.any():
+        free = np.flatnonzero(left == 0)
+        take = min(len(free), len(lengths) - pending)
+        left[free[:take]] = lengths[pending : pending + take]
+        pending += take
+        refill_at = max(1, batch // 8) if pending < len(lengths) else batch + 1
+        for _ in range(segment):
+            if not left.any() or (batch - np.count_nonzero(left)) >= refill_at:
+                break
+            left = np.maximum(left - 1, 0)
+            steps += 1
+    useful = int(lengths.sum())
+    return dict(
+        batch=batch,
+        rows=len(lengths),
+        static_steps=static,
+        continuous_steps=steps,
+        static_utilisation=useful / (batch * static),
+        continuous_utilisation=useful / (batch * steps),
+        step_ratio=static / steps,
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
@@ -149,7 +183,21 @@ def main(argv=None) -> int:
     ap.add_argument("--hf", action="store_true", help="also run transformers generate")
     ap.add_argument("--hf-dir", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--replay",
+        default=None,
+        help="no model: replay the continuous rows' lengths of this JSON (bootstrap-resampled to "
+        "rows-per-slot x batch rows) through both schedules and print the utilisation",
+    )
     args = ap.parse_args(argv)
+    if args.replay:
+        with open(args.replay) as f:
+            recorded = np.concatenate([r["lengths"] for r in json.load(f)["runs"] if r["method"] == "continuous"])
+        rng = np.random.default_rng(0)
+        for batch in args.batches:
+            rows = rng.choice(recorded, args.rows_per_slot * batch)
+            print(json.dumps(replay(rows, batch, args.n, args.segment, args.max_new)), flush=True)
+        return 0
 
     info = {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
