@@ -341,6 +341,7 @@ def main(argv=None) -> int:
     loaded = loader.load(args.ref, dtype=dtype)
     ref, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
     conf = SamplerConfig(
+        slots=0,  # the static engine: this bench times its decode step (rollout_bench.py compares both)
         max_new_tokens=args.max_new,
         k=args.k,
         stop_ids=(),

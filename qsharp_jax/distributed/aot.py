@@ -170,8 +170,7 @@ def lower_decode(w: Workload, mesh: Mesh, rules: Iterable = DEFAULT_RULES) -> ja
     ref_cache, guide_cache = cache_structs(w, mesh, rules)
     n = w.rows
     spec = LoopSpec(w.max_new_tokens, w.k, w.guidance, True)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
+    keys = _batch_struct(mesh, (n, 2), jnp.uint32, rules)  # raw per-row PRNG keys
     knobs = {
         name: _replicated(mesh, v)
         for name, v in dict(
@@ -189,7 +188,7 @@ def lower_decode(w: Workload, mesh: Mesh, rules: Iterable = DEFAULT_RULES) -> ja
             guide_cache,
             _batch_struct(mesh, (n,), jnp.int32, rules),
             _batch_struct(mesh, (n,), jnp.int32, rules),
-            key,
+            keys,
             knobs,
             _replicated(mesh, np.zeros((4,), np.int32)),
             _replicated(mesh, np.int32(0)),

@@ -11,6 +11,7 @@ integers, so a resumed run sees exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Sequence
 
@@ -124,3 +125,132 @@ class BatchStream:
         bucket, idx = self._plan[position]
         exs = self.data.examples[bucket]
         return collate([exs[i] if i >= 0 else None for i in idx], self.data.buckets[bucket], self.pad_id)
+
+
+# ---- packing: several examples per row, no padding between them --------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedExamples:
+    """Examples packed into rows of ``row_length`` tokens (best fit, longest first; fixed for
+    the run, so the number of batches per epoch is too); each epoch shuffles the rows and cuts
+    them into batches of ``rows_per_batch`` rows (about ``batch_size`` examples)."""
+
+    examples: tuple
+    rows: tuple  # per row: tuple of example indices, in order
+    row_length: int
+    rows_per_batch: int
+    num_dropped: int
+    num_truncated: int
+
+    def num_batches(self) -> int:
+        return -(-len(self.rows) // self.rows_per_batch)
+
+    def padded_fraction(self) -> float:
+        """Pad tokens / all tokens of one epoch's batches (the last batch's empty rows included)."""
+        real = sum(example_length(e) for e in self.examples)
+        return 1.0 - real / (self.num_batches() * self.rows_per_batch * self.row_length)
+
+
+def example_length(ex: Example) -> int:
+    return len(ex.input_ids) + len(ex.target_ids)
+
+
+def bucketed_padded_fraction(data: BucketedExamples, batch_size: int) -> float:
+    """Pad tokens / all tokens of one epoch of bucketed (unpacked) batches."""
+    real = sum(example_length(e) for exs in data.examples for e in exs)
+    total = sum(-(-len(exs) // batch_size) * batch_size * b for b, exs in zip(data.buckets, data.examples))
+    return 1.0 - real / total if total else 0.0
+
+
+def pack_examples(data: BucketedExamples, batch_size: int, row_multiple: int = 1) -> PackedExamples:
+    """Pack the bucketed examples (already truncated) into rows of the smallest bucket that
+    holds two of the longest (the largest bucket if none does: rows of one long example leave
+    little room). rows_per_batch is the divisor of ``batch_size`` closest to holding
+    ``batch_size`` examples on average (a divisor, so that a mesh that splits ``batch_size``
+    rows splits these rows too), among those that are multiples of ``row_multiple`` (the
+    mesh's batch shards) when there are any."""
+    examples = tuple(e for exs in data.examples for e in exs)
+    if not examples:
+        return PackedExamples((), (), data.buckets[0], batch_size, data.num_dropped, data.num_truncated)
+    lengths = np.asarray([example_length(e) for e in examples])
+    row_length = int(data.buckets[min(int(np.searchsorted(data.buckets, 2 * lengths.max())), len(data.buckets) - 1)])
+    order = np.argsort(-lengths, kind="stable")
+    free: list[tuple[int, int]] = []  # (space left, row id), ascending: best fit = first that fits
+    rows: list[list[int]] = []
+    for i in order:
+        n = int(lengths[i])
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            space, row = free.pop(j)
+        else:
+            space, row = row_length, len(rows)
+            rows.append([])
+        rows[row].append(int(i))
+        if space - n > 0:
+            bisect.insort(free, (space - n, row))
+    target = batch_size * float(lengths.mean()) / row_length
+    divisors = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+    divisors = [d for d in divisors if d % row_multiple == 0] or divisors
+    per_batch = min(divisors, key=lambda d: abs(np.log(d / max(target, 1e-9))))
+    return PackedExamples(
+        examples, tuple(tuple(r) for r in rows), row_length, per_batch, data.num_dropped, data.num_truncated
+    )
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Rows of consecutive examples, right-padded. Per token [B, L]: tokens, token_mask,
+    loss_mask, segment_ids (1, 2, ... per example in its row, 0 on pads), positions
+    (restarting at 0 per example), reward (its example's R) and weight (its example's weight /
+    its number of target tokens, on target positions: the loss is then the same weighted mean
+    of per-example means as for unpacked batches)."""
+    b = len(rows)
+    out = dict(
+        tokens=np.full((b, length), pad_id, np.int32),
+        token_mask=np.zeros((b, length), bool),
+        loss_mask=np.zeros((b, length), bool),
+        segment_ids=np.zeros((b, length), np.int32),
+        positions=np.zeros((b, length), np.int32),
+        reward=np.zeros((b, length), np.float32),
+        weight=np.zeros((b, length), np.float32),
+    )
+    for i, row in enumerate(rows):
+        start = 0
+        for s, ex in enumerate(row, start=1):
+            ids = list(ex.input_ids) + list(ex.target_ids)
+            end, first_target = start + len(ids), start + len(ex.input_ids)
+            if end > length:
+                raise ValueError(f"row {i} holds {end} tokens, more than {length}.")
+            out["tokens"][i, start:end] = ids
+            out["token_mask"][i, start:end] = True
+            out["loss_mask"][i, first_target:end] = True
+            out["segment_ids"][i, start:end] = s
+            out["positions"][i, start:end] = np.arange(len(ids))
+            out["reward"][i, start:end] = ex.reward
+            out["weight"][i, first_target:end] = ex.weight / len(ex.target_ids)
+            start = end
+    return out
+
+
+class PackedStream:
+    """Packed batches of one run, addressed by (epoch, position in epoch); rows shuffled per
+    epoch, deterministic in (seed, epoch)."""
+
+    def __init__(self, packed: PackedExamples, seed: int, pad_id: int = 0):
+        self.packed, self.seed, self.pad_id = packed, seed, pad_id
+        self.batches_per_epoch = packed.num_batches()
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"no training examples left after bucketing ({packed.num_dropped} dropped).")
+        self._epoch, self._order = None, None
+
+    def position_of_step(self, step: int) -> tuple[int, int]:
+        return divmod(step, self.batches_per_epoch)
+
+    def batch(self, epoch: int, position: int) -> dict[str, np.ndarray]:
+        p = self.packed
+        if self._epoch != epoch:
+            self._order, self._epoch = np.random.default_rng([self.seed, epoch]).permutation(len(p.rows)), epoch
+        picked = self._order[position * p.rows_per_batch : (position + 1) * p.rows_per_batch]
+        rows = [[p.examples[i] for i in p.rows[r]] for r in picked]
+        rows += [[]] * (p.rows_per_batch - len(rows))
+        return collate_packed(rows, p.row_length, self.pad_id)

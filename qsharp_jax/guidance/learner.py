@@ -193,6 +193,7 @@ class FitResult:
     steps_run: int  # steps taken by this call (0 when the checkpoint was already complete)
     tokens_per_s: float  # non-pad tokens/s over this call's steps, except those that compiled
     history: list  # the logged scalars, one dict (with "step") per log_every steps
+    padded_fraction: dict = dataclasses.field(default_factory=dict)  # bucketed / packed pad-token fractions
 
     @property
     def model(self) -> GuidanceModel:
@@ -220,9 +221,20 @@ def fit(
     validate_learner_config(cfg)
     check_examples(examples)  # cheap checks first: before a model is loaded or anything compiles
     data = batching.bucket_examples(examples, cfg.buckets)
-    stream = batching.BatchStream(data, cfg.batch_size, cfg.seed, cfg.pad_id)
     rules = tuple(rules)
     mesh = make_mesh(data=1, fsdp=-1, tensor=1) if mesh is None else mesh
+    # packing (several examples per row, attention kept within each) unless learner.pack is False
+    pack = bool(cfg.get("pack", True))
+    padding = dict(bucketed=batching.bucketed_padded_fraction(data, cfg.batch_size))
+    if pack:
+        shards = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+        packed = batching.pack_examples(data, cfg.batch_size, row_multiple=shards)
+        stream = batching.PackedStream(packed, cfg.seed, cfg.pad_id)
+        rows_per_batch = packed.rows_per_batch
+        padding.update(packed=packed.padded_fraction(), row_length=packed.row_length, rows_per_batch=rows_per_batch)
+    else:
+        stream = batching.BatchStream(data, cfg.batch_size, cfg.seed, cfg.pad_id)
+        rows_per_batch = cfg.batch_size
     if isinstance(guide, ml_collections.ConfigDict):  # a `guide` section overriding cfg.guide
         cfg = cfg.copy_and_resolve_references()
         cfg.guide = guide
@@ -235,11 +247,14 @@ def fit(
         cfg.guide.head.update(dataclasses.asdict(head))  # record the model's actual head
     losses.check_loss_matches_head(cfg.loss_type, head.distribution)
     check_model_fits(guide.cfg, mesh, rules, batch=cfg.batch_size, name="guidance model")
+    check_model_fits(guide.cfg, mesh, rules, batch=rows_per_batch, name="guidance model (packed rows)")
 
     total_steps = cfg.epochs * stream.batches_per_epoch
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps) if cfg.epochs >= 1 else cfg.max_steps
-    data_id = dict(seed=cfg.seed, batches_per_epoch=stream.batches_per_epoch, fingerprint=dataset_fingerprint(examples))
+    data_id = dict(
+        seed=cfg.seed, batches_per_epoch=stream.batches_per_epoch, fingerprint=dataset_fingerprint(examples), pack=pack
+    )
 
     schedule = optim.learning_rate_schedule(cfg.lr, cfg.warmup_steps, cfg.schedule, total_steps, cfg.end_lr_factor)
     tx = optim.make_optimizer(
@@ -265,6 +280,7 @@ def fit(
         num_examples=len(examples),
         dropped=data.num_dropped,
         truncated=data.num_truncated,
+        padded_fraction=padding,  # pad tokens / all tokens of an epoch: bucketed, and packed when on
         total_steps=total_steps,
         **data_id,
     )
@@ -280,7 +296,7 @@ def fit(
         init = lambda p: optim.init_train_state(p, tx, cfg.seed)
         abstract = jax.eval_shape(init, params)
         state_sharding = optim.train_state_shardings(abstract, mesh, rules)
-        batch_sharding = ts.batch_shardings(mesh, cfg.batch_size, rules)
+        batch_sharding = ts.batch_shardings(mesh, rows_per_batch, rules, packed=pack)
         if ckpt is not None and ckpt.latest_step() is not None:
             state, position, _ = ckpt.restore(checkpointing.restore_target(abstract, state_sharding))
             saved_id = {k: position.get(k) for k in data_id}
@@ -295,7 +311,14 @@ def fit(
         del params, guide  # the state owns the (donated) buffers from here on
         train = optim.jit_train_step(step_fn, state_sharding, batch_sharding, mesh)
         result = _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effective, data_id, logdir)
-    return FitResult(state=result[0], graphdef=graphdef, steps_run=result[1], tokens_per_s=result[2], history=result[3])
+    return FitResult(
+        state=result[0],
+        graphdef=graphdef,
+        steps_run=result[1],
+        tokens_per_s=result[2],
+        history=result[3],
+        padded_fraction=padding,
+    )
 
 
 def _to_device(host_batch: dict, shardings: dict) -> dict:

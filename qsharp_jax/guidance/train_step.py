@@ -35,6 +35,29 @@ BATCH_AXES = {
     "reward": ("batch",),
     "weight": ("batch",),
 }
+# packed rows (batching.collate_packed): reward and weight per token, plus segments and positions
+PACKED_BATCH_AXES = {
+    **{k: ("batch", "length") for k in BATCH_AXES},
+    "segment_ids": ("batch", "length"),
+    "positions": ("batch", "length"),
+}
+
+
+def _per_token(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """A packed per-token array aligned with ``mask`` (Q-type drops the first position)."""
+    return x[:, x.shape[1] - mask.shape[1] :]
+
+
+def packed_loss(out, mask, reward, weight, loss_type: str, **categorical) -> jax.Array:
+    """The loss of packed rows: reward / weight are per token, weight = example weight / its
+    number of target tokens, so sum_t w_t l_t / sum_t w_t is the weighted mean over examples of
+    their mean per-position losses, i.e. ``losses.return_loss`` of the same examples unpacked."""
+    b, t = mask.shape
+    per_pos = losses.per_position_loss(
+        out.reshape(b * t, 1, *out.shape[2:]), reward.reshape(b * t), loss_type, **categorical
+    )
+    w = jnp.where(mask, weight, 0.0)
+    return jnp.sum(per_pos.reshape(b, t) * w) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
 # ---- forward -----------------------------------------------------------------------
@@ -48,7 +71,10 @@ def predictions(model: GuidanceModel, batch) -> tuple[jax.Array, jax.Array]:
     needed head columns are gathered, never the [B, T, vocab] tensor. The sequences lose
     their first position, so the mask is the loss mask shifted by one."""
     tokens, token_mask = batch["tokens"], batch["token_mask"]
-    h, _ = model.hidden(tokens, positions_from_mask(token_mask), token_mask=token_mask)
+    if "segment_ids" in batch:  # packed rows: per-example positions, no attention across examples
+        h, _ = model.backbone(tokens, batch["positions"], token_mask=token_mask, segment_ids=batch["segment_ids"])
+    else:
+        h, _ = model.hidden(tokens, positions_from_mask(token_mask), token_mask=token_mask)
     if model.head_cfg.kind == "v":
         return model.head_outputs(h), batch["loss_mask"]
     b, t, e = h.shape
@@ -84,7 +110,11 @@ def make_train_step(
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
         out, mask = predictions(model, batch)
-        loss = losses.return_loss(out, mask, batch["reward"], batch["weight"], loss_type, **categorical)
+        if "segment_ids" in batch:
+            reward, weight = _per_token(batch["reward"], mask), _per_token(batch["weight"], mask)
+            loss = packed_loss(out, mask, reward, weight, loss_type, **categorical)
+        else:
+            loss = losses.return_loss(out, mask, batch["reward"], batch["weight"], loss_type, **categorical)
         return loss, (out, mask)
 
     def train_step(state: TrainState, batch):
@@ -100,15 +130,17 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # Keep the old state on a non-finite step so the host can stop with the last good state.
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        real = mask & (batch["weight"] > 0)[:, None]
-        calib = metrics.calibration_sums(
-            jax.lax.stop_gradient(predicted_mean(head, out)),
-            batch["reward"],
-            real,
-            calibration_bins,
-            head.v_min,
-            head.v_max,
-        )
+        pred = jax.lax.stop_gradient(predicted_mean(head, out))
+        if "segment_ids" in batch:  # per-token labels: calibrate over [B * T] one-position rows
+            real = mask & (_per_token(batch["weight"], mask) > 0)
+            b, t = mask.shape
+            reward = _per_token(batch["reward"], mask).reshape(b * t)
+            calib = metrics.calibration_sums(
+                pred.reshape(b * t, 1), reward, real.reshape(b * t, 1), calibration_bins, head.v_min, head.v_max
+            )
+        else:
+            real = mask & (batch["weight"] > 0)[:, None]
+            calib = metrics.calibration_sums(pred, batch["reward"], real, calibration_bins, head.v_min, head.v_max)
         stats = dict(
             loss=loss,
             grad_norm=grad_norm,
@@ -126,9 +158,9 @@ def make_train_step(
 # ---- shardings and jit --------------------------------------------------------------
 
 
-def batch_shardings(mesh: Mesh, batch_size: int, rules: Iterable = DEFAULT_RULES) -> dict:
+def batch_shardings(mesh: Mesh, batch_size: int, rules: Iterable = DEFAULT_RULES, packed: bool = False) -> dict:
     """Batch rows over ('data', 'fsdp'); fails early if the batch size does not divide."""
     return {
         k: named_sharding(mesh, axes, rules, shape=(batch_size,) + (1,) * (len(axes) - 1), what=f"batch {k}")
-        for k, axes in BATCH_AXES.items()
+        for k, axes in (PACKED_BATCH_AXES if packed else BATCH_AXES).items()
     }

@@ -236,12 +236,15 @@ class Decoder(nnx.Module):
         token_mask: jax.Array | None = None,
         cache: KVCache | None = None,
         n_write: int | None = None,
+        segment_ids: jax.Array | None = None,
     ):
         """Final hidden states [B, T, E] and the updated cache (None without a cache).
 
         tokens, positions: [B, T] ints. token_mask: [B, T] bool, False on padding (only the
         first ``n_write`` entries matter). n_write: static count of context tokens; the rest
-        are probes (see module docstring).
+        are probes (see module docstring). segment_ids: [B, T] ints, without a cache only:
+        several sequences packed in one row (positions restart per sequence); a token
+        attends only to earlier tokens with its own segment id.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -259,7 +262,15 @@ class Decoder(nnx.Module):
             index = cache.index
             slot_valid = jax.lax.dynamic_update_slice(cache.mask, written, (0, index))
             slots = jnp.arange(cache.length)
-        ctx_mask = slot_valid[:, None, :] & (slots[None, None, :] <= index + last_visible[None, :, None])
+        # A query must not see the context tokens written after it in this call; any other
+        # valid slot is earlier context (slots past index + n_write are only valid when the
+        # cache is used as a circular buffer, and then they hold older tokens).
+        later = (slots[None, :] > index + last_visible[:, None]) & (slots[None, :] < index + n_write)
+        ctx_mask = slot_valid[:, None, :] & ~later[None]
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) are for cache-free forwards only.")
+            ctx_mask = ctx_mask & (segment_ids[:, :, None] == segment_ids[:, None, :n_write])
         probe_visible = q_idx >= n_write
         inv_freq = jnp.asarray(cfg.rope_inv_freq(), jnp.float32)
 

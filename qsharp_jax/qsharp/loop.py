@@ -428,6 +428,37 @@ def check_fits(cfg: ml_collections.ConfigDict) -> None:
         _log(f"memory plan for {topo.name} skipped: {e}")
 
 
+# compile seconds (tracing + lowering + XLA) and persistent-cache hits/misses of this process
+COMPILE_STATS = {"seconds": 0.0, "/jax/compilation_cache/cache_hits": 0, "/jax/compilation_cache/cache_misses": 0}
+_COMPILE_EVENTS = ("backend_compile_duration", "jaxpr_trace_duration", "jaxpr_to_mlir_module_duration")
+
+
+def _on_event(event: str, **_):
+    if event in COMPILE_STATS:
+        COMPILE_STATS[event] += 1
+
+
+def _on_duration(event: str, seconds: float, **_):
+    if event.rsplit("/", 1)[-1] in _COMPILE_EVENTS:
+        COMPILE_STATS["seconds"] += seconds
+
+
+jax.monitoring.register_event_listener(_on_event)
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def enable_compilation_cache(cfg: ml_collections.ConfigDict) -> str:
+    """Turn on JAX's persistent compilation cache: ``cfg.compilation_cache_dir``, or by default
+    $XDG_CACHE_HOME (~/.cache)/qsharp_jax/xla, shared by runs; "off" disables it. Returns the dir."""
+    cache_dir = cfg.compilation_cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "qsharp_jax", "xla"
+    )
+    if cache_dir == "off":
+        return ""
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache_dir))
+    return os.path.abspath(cache_dir)
+
+
 def run(cfg: ml_collections.ConfigDict) -> dict:
     """Start jax.distributed if configured, validate, check the memory plan, save the effective
     config, run every iteration and the evaluation sweep; returns the summary (``policies``,
@@ -435,8 +466,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     multihost.initialize_from_config(cfg)  # before any other JAX call
     validate_config(cfg, num_devices=jax.device_count())
     check_fits(cfg)
-    if cfg.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(cfg.compilation_cache_dir))
+    cache_dir = enable_compilation_cache(cfg)
     if multihost.is_main():
         path = save_effective_config(cfg, os.path.abspath(cfg.output_dir))
         _log(f"effective config saved to {path}")
@@ -447,6 +477,11 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         return summary
     out = os.path.abspath(cfg.output_dir)
     print(f"\nQ# {cfg.preset} on {cfg.task}: done in {time.time() - t:.0f}s, output in {out}")
+    hits, misses = (COMPILE_STATS[f"/jax/compilation_cache/cache_{k}"] for k in ("hits", "misses"))
+    print(
+        f"compiling: {COMPILE_STATS['seconds']:.0f}s (tracing, lowering, XLA); persistent cache "
+        + (f"{cache_dir}: {hits} programs loaded, {misses} compiled and stored" if cache_dir else "off")
+    )
     print(report.summary_table(summary["policies"]))
     if "sweep" in summary:
         print(

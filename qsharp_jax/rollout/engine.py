@@ -22,6 +22,8 @@ The guide is duck-typed (``backbone``, ``hidden``, ``head_outputs``, ``q_head_at
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -32,7 +34,7 @@ from qsharp_jax.models.decoder import KVCache, cache_logical_axes, init_cache, p
 from qsharp_jax.rollout.state import DecodeState, LoopSpec
 
 
-def _constrain_cache(cache: KVCache, rules) -> KVCache:
+def constrain_cache(cache: KVCache, rules) -> KVCache:
     axes = cache_logical_axes(cache)
     return jax.tree.map(
         lambda x, a: constrain(x, a, rules),
@@ -65,7 +67,7 @@ def _prefill_one(model, tokens, mask, cache_len: int, n: int):
         mask=grow(cache.mask, 1),
         index=jnp.asarray(length - 1, jnp.int32),
     )
-    return _constrain_cache(cache, model.rules)
+    return constrain_cache(cache, model.rules)
 
 
 def prefill(ref_graph, guide_graph, n: int, max_new_tokens: int, ref_state, guide_state, tokens, mask):
@@ -115,6 +117,50 @@ def candidate_scores(guide, guide_cache, newest, position, candidates):
     return guide.q_head_at(h[:, 0], candidates), guide_cache
 
 
+def decode_step(
+    ref, guide, spec: LoopSpec, knobs, stop_ids, pad_id, ref_cache, guide_cache, newest, position, keys, col, active
+):
+    """One decode step of every row (shared by the static loop and continuous batching).
+
+    keys: [N, 2] raw per-row keys; row r samples with fold_in(keys[r], col[r]), so its
+    tokens depend only on its own key and step, not on its batch or slot. Rows that are not
+    ``active`` get pad_id and zero log-probs / KL. The caches' write index wraps around
+    their length (continuous batching uses them as circular buffers).
+    Returns (token, stopped, logp_policy, logp_ref, kl, ref_cache, guide_cache)."""
+    rows = jnp.arange(newest.shape[0])[:, None]
+    h, ref_cache = ref(newest[:, None], position[:, None], cache=ref_cache)
+    ref_logits = ref.logits(h[:, 0])  # [N, V] float32
+    logits = ref_logits
+    if spec.guided:
+        candidates = jax.lax.top_k(ref_logits, spec.k)[1]
+        out, guide_cache = candidate_scores(guide, guide_cache, newest, position, candidates)
+        offset = guidance_offsets(guide, out, spec.guidance, knobs["inv_eta"])
+        if spec.guidance == "cd_logp":  # star-graph CD: only the k candidates stay sampleable
+            picked_logits = jnp.take_along_axis(ref_logits, candidates, axis=-1) + offset
+            logits = jnp.full_like(ref_logits, -jnp.inf).at[rows, candidates].set(picked_logits)
+        else:
+            logits = ref_logits.at[rows, candidates].add(offset)  # other logits untouched
+        guide_cache = _wrap(constrain_cache(guide_cache, guide.backbone.rules))
+    log_ref = sampling.reference_log_probs(ref_logits, knobs["temperature"])
+    # unguided, the policy starts from the same tempered softmax as the reference
+    tempered = sampling.reference_log_probs(logits, knobs["temperature"]) if spec.guided else log_ref
+    log_pi = sampling.policy_log_probs(
+        logits, tempered, knobs["temperature"], knobs["top_p"], knobs["top_k"], knobs["greedy"]
+    )
+    step_keys = jax.vmap(jax.random.fold_in)(keys, col)
+    token = jax.vmap(lambda k, lp: sampling.sample(k, lp[None])[0])(step_keys, log_pi)
+    token = jnp.where(active, token, pad_id)
+    picked = lambda logp: jnp.where(active, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0)
+    kl = jnp.where(active, sampling.kl_divergence(log_pi, log_ref), 0.0)
+    stopped = active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+    ref_cache = _wrap(constrain_cache(ref_cache, ref.rules))
+    return token, stopped, picked(log_pi), picked(log_ref), kl, ref_cache, guide_cache
+
+
+def _wrap(cache: KVCache) -> KVCache:
+    return dataclasses.replace(cache, index=cache.index % cache.length)
+
+
 def decode(
     ref_graph,
     guide_graph,
@@ -125,58 +171,40 @@ def decode(
     guide_cache,
     newest,
     position,
-    key,
+    keys,
     knobs,
     stop_ids,
     pad_id,
 ):
     """The whole decode as one while_loop. newest/position: [N] last prompt token and its
-    position id. knobs: dict of traced scalars (temperature, top_p, top_k, greedy, inv_eta).
-    stop_ids: [S] int32 (-1 entries never match); pad_id: int32 scalar (both traced).
-    Returns the final :class:`DecodeState` (its caches alias the donated inputs)."""
+    position id; keys: [N, 2] raw per-row PRNG keys. knobs: dict of traced scalars
+    (temperature, top_p, top_k, greedy, inv_eta). stop_ids: [S] int32 (-1 entries never
+    match); pad_id: int32 scalar (both traced). Returns the final :class:`DecodeState`
+    (its caches alias the donated inputs)."""
     ref = nnx.merge(ref_graph, ref_state)
     guide = nnx.merge(guide_graph, guide_state) if spec.guided else None
     n, steps = newest.shape[0], spec.max_new_tokens
-    rows = jnp.arange(n)[:, None]
 
     def step(s: DecodeState) -> DecodeState:
-        h, ref_cache = ref(s.newest[:, None], s.position[:, None], cache=s.ref_cache)
-        ref_logits = ref.logits(h[:, 0])  # [N, V] float32
-        logits, guide_cache = ref_logits, s.guide_cache
-        if spec.guided:
-            candidates = jax.lax.top_k(ref_logits, spec.k)[1]
-            out, guide_cache = candidate_scores(guide, guide_cache, s.newest, s.position, candidates)
-            offset = guidance_offsets(guide, out, spec.guidance, knobs["inv_eta"])
-            if spec.guidance == "cd_logp":  # star-graph CD: only the k candidates stay sampleable
-                picked = jnp.take_along_axis(ref_logits, candidates, axis=-1) + offset
-                logits = jnp.full_like(ref_logits, -jnp.inf).at[rows, candidates].set(picked)
-            else:
-                logits = ref_logits.at[rows, candidates].add(offset)  # other logits untouched
-            guide_cache = _constrain_cache(guide_cache, guide.backbone.rules)
-        log_ref = sampling.reference_log_probs(ref_logits, knobs["temperature"])
-        # unguided, the policy starts from the same tempered softmax as the reference
-        tempered = sampling.reference_log_probs(logits, knobs["temperature"]) if spec.guided else log_ref
-        log_pi = sampling.policy_log_probs(
-            logits, tempered, knobs["temperature"], knobs["top_p"], knobs["top_k"], knobs["greedy"]
-        )
-        token = sampling.sample(jax.random.fold_in(s.key, s.step), log_pi)
         active = ~s.done
-        token = jnp.where(active, token, pad_id)
-        picked = lambda logp: jnp.where(active, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], 0.0)
+        token, stopped, lp_pi, lp_ref, kl, ref_cache, guide_cache = decode_step(
+            ref, guide, spec, knobs, stop_ids, pad_id, s.ref_cache, s.guide_cache, s.newest, s.position,
+            s.keys, jnp.broadcast_to(s.step, (n,)), active,
+        )  # fmt: skip
         write = lambda buf, val: buf.at[:, s.step].set(val)
         return DecodeState(
             step=s.step + 1,
-            ref_cache=_constrain_cache(ref_cache, ref.rules),
+            ref_cache=ref_cache,
             guide_cache=guide_cache,
             newest=token,
             position=s.position + 1,
-            done=s.done | (active & jnp.any(token[:, None] == stop_ids[None, :], axis=-1)),
+            done=s.done | stopped,
             lengths=s.lengths + active.astype(jnp.int32),
-            key=s.key,
+            keys=s.keys,
             tokens=write(s.tokens, token),
-            logp_policy=write(s.logp_policy, picked(log_pi)),
-            logp_ref=write(s.logp_ref, picked(log_ref)),
-            kl_token=write(s.kl_token, jnp.where(active, sampling.kl_divergence(log_pi, log_ref), 0.0)),
+            logp_policy=write(s.logp_policy, lp_pi),
+            logp_ref=write(s.logp_ref, lp_ref),
+            kl_token=write(s.kl_token, kl),
         )
 
     def not_finished(s: DecodeState):
@@ -191,7 +219,7 @@ def decode(
         position=position,
         done=jnp.zeros((n,), bool),
         lengths=jnp.zeros((n,), jnp.int32),
-        key=key,
+        keys=keys,
         tokens=jnp.full((n, steps), pad_id, jnp.int32),
         logp_policy=zeros(),
         logp_ref=zeros(),

@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from qsharp_jax.core.sharding import check_model_fits, logical_to_spec, state_shardings
+from qsharp_jax.rollout.continuous import init_slots_jit, refill_jit, segment_jit
 from qsharp_jax.rollout.engine import decode_jit, prefill_jit
 from qsharp_jax.rollout.state import LoopSpec, RolloutBatch, SamplerConfig
 
@@ -29,6 +30,29 @@ def _fetch(tree):
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def raw_key(key) -> jax.Array:
+    """uint32 key data of a typed (``jax.random.key``) or raw (``PRNGKey``) key."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
+@jax.jit
+def _derive_row_keys(key, prompt_index, sample_index):
+    return jax.vmap(lambda p, j: jax.random.fold_in(jax.random.fold_in(key, p), j))(prompt_index, sample_index)
+
+
+def row_keys(key, n_prompts: int, n: int) -> np.ndarray:
+    """[n_prompts * n, 2] raw keys; row p * n + j (prompt p, sample j) gets
+    fold_in(fold_in(key, p), j): a row's random stream depends on nothing else."""
+    p = np.repeat(np.arange(n_prompts, dtype=np.int32), n)
+    j = np.tile(np.arange(n, dtype=np.int32), n_prompts)
+    return np.asarray(_derive_row_keys(raw_key(key), p, j))
 
 
 class Sampler:
@@ -62,7 +86,8 @@ class Sampler:
                 check_model_fits(guide.cfg, mesh, self.guide_rules, name="guide")
                 guide_state = jax.device_put(guide_state, state_shardings(guide_state, mesh, self.guide_rules))
         self.ref_state, self.guide_state = ref_state, guide_state
-        self.last_timings: dict = {}  # seconds of the last generate: prefill, decode, total
+        self.last_timings: dict = {}  # seconds of the last generate: total (+ prefill, decode when static)
+        self.last_stats: dict = {}  # decode steps, slots, useful tokens, slot utilisation
 
     # -- helpers -------------------------------------------------------------------------
     def _mesh_context(self):
@@ -88,10 +113,13 @@ class Sampler:
         cfg = self.config
         length = _round_up(max(len(p) for p in prompts), cfg.prompt_bucket)
         batch = _round_up(len(prompts), int(np.lcm(cfg.batch_bucket, self._batch_shards())))
-        tokens = np.full((batch, length), cfg.pad_id, np.int32)
-        mask = np.zeros((batch, length), bool)
-        for r in range(batch):
-            p = prompts[r] if r < len(prompts) else prompts[0]  # filler rows, dropped later
+        filled = list(prompts) + [prompts[0]] * (batch - len(prompts))  # filler rows, dropped later
+        return self._left_pad(filled, length)
+
+    def _left_pad(self, prompts, length: int):
+        tokens = np.full((len(prompts), length), self.config.pad_id, np.int32)
+        mask = np.zeros((len(prompts), length), bool)
+        for r, p in enumerate(prompts):
             tokens[r, length - len(p) :] = p
             mask[r, length - len(p) :] = True
         return tokens, mask
@@ -109,15 +137,18 @@ class Sampler:
         greedy: bool = False,
         inv_eta: float = 0.0,
         guided: bool = True,
+        keys: np.ndarray | None = None,
     ) -> RolloutBatch:
+        """n samples of each prompt; row p * n + j is sample j of prompt p and samples with
+        its own key (``row_keys(key, len(prompts), n)[p * n + j]``, or ``keys`` when given:
+        [len(prompts) * n, 2] raw keys), so its result does not depend on the other rows."""
         cfg = self.config
         guided = bool(guided) and self.guide_graph is not None
-        tokens, mask = self.pad_prompts(prompts)
-        n_rows = tokens.shape[0] * n
-        if self.mesh is not None:
-            check_model_fits(self.ref_cfg, self.mesh, self.ref_rules, batch=n_rows, name="reference")
-        newest = np.repeat(tokens[:, -1], n)
-        position = np.repeat(mask.sum(axis=1) - 1, n).astype(np.int32)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token.")
+        keys = row_keys(key, len(prompts), n) if keys is None else np.asarray(keys, np.uint32)
+        if keys.shape != (len(prompts) * n, 2):
+            raise ValueError(f"keys must be [{len(prompts) * n}, 2] raw keys, got {keys.shape}.")
         knobs = dict(
             temperature=np.float32(temperature),
             top_p=np.float32(top_p),
@@ -129,8 +160,24 @@ class Sampler:
         # stop ids are traced, padded with -1 to a multiple of 4 entries (fewer recompiles)
         stop_ids = np.full(_round_up(max(len(cfg.stop_ids), 1), 4), -1, np.int32)
         stop_ids[: len(cfg.stop_ids)] = cfg.stop_ids
-        guide_graph = self.guide_graph if guided else None
-        guide_state = self.guide_state if guided else None
+        run = self._continuous if cfg.slots > 0 else self._static
+        return run(prompts, n, keys, knobs, spec, stop_ids)
+
+    def _models(self, guided: bool):
+        return (self.guide_graph, self.guide_state) if guided else (None, None)
+
+    def _static(self, prompts, n, keys, knobs, spec, stop_ids) -> RolloutBatch:
+        """One batch: every row decodes until the last one stops."""
+        cfg = self.config
+        tokens, mask = self.pad_prompts(prompts)
+        n_rows = tokens.shape[0] * n
+        if self.mesh is not None:
+            check_model_fits(self.ref_cfg, self.mesh, self.ref_rules, batch=n_rows, name="reference")
+        newest = np.repeat(tokens[:, -1], n)
+        position = np.repeat(mask.sum(axis=1) - 1, n).astype(np.int32)
+        all_keys = np.zeros((n_rows, 2), np.uint32)  # filler rows (dropped) get zero keys
+        all_keys[: len(keys)] = keys
+        guide_graph, guide_state = self._models(spec.guided)
         start = time.perf_counter()
         with self._mesh_context():
             ref_cache, guide_cache = prefill_jit(
@@ -155,7 +202,7 @@ class Sampler:
                 guide_cache,
                 self._put_batch(newest),
                 self._put_batch(position),
-                key,
+                self._put_batch(all_keys),
                 knobs,
                 stop_ids,
                 np.int32(cfg.pad_id),
@@ -164,16 +211,123 @@ class Sampler:
             (final.step, final.lengths, (final.tokens, final.logp_policy, final.logp_ref, final.kl_token))
         )
         end = time.perf_counter()
-        self.last_timings = dict(prefill=prefilled - start, decode=end - prefilled, total=end - start)
         keep = len(prompts) * n  # rows of filler prompts come last
+        lengths = np.asarray(lengths[:keep])
+        self.last_timings = dict(prefill=prefilled - start, decode=end - prefilled, total=end - start)
+        self.last_stats = dict(
+            steps=int(steps),
+            slots=n_rows,
+            useful_tokens=int(lengths.sum()),
+            utilisation=lengths.sum() / (n_rows * max(int(steps), 1)),
+        )
         out_tokens, logp_policy, logp_ref, kl_token = (np.asarray(o[:keep]) for o in outs)
         return RolloutBatch(
             tokens=out_tokens,
-            lengths=np.asarray(lengths[:keep]),
+            lengths=lengths,
             logp_policy=logp_policy,
             logp_ref=logp_ref,
             kl_token=kl_token,
             kl_traj=kl_token.sum(axis=1),
             prompt_index=np.repeat(np.arange(len(prompts)), n),
             steps=int(steps),
+        )
+
+    def _continuous(self, prompts, n, keys, knobs, spec, stop_ids) -> RolloutBatch:
+        """Fixed decode slots; between segments, slots whose row stopped get pending rows
+        (prefilled in one bucketed batch of their distinct prompts)."""
+        cfg = self.config
+        total = len(prompts) * n
+        shards = self._batch_shards()
+        slots = _round_up(min(cfg.slots, _pow2_at_least(total)), shards)
+        if self.mesh is not None:
+            check_model_fits(self.ref_cfg, self.mesh, self.ref_rules, batch=slots, name="reference")
+        prompt_len = _round_up(max(len(p) for p in prompts), cfg.prompt_bucket)
+        cache_len = prompt_len - 1 + cfg.max_new_tokens
+        guide_graph, guide_state = self._models(spec.guided)
+        width, pad = cfg.max_new_tokens, np.int32(cfg.pad_id)
+        out_tokens = np.full((total, width), cfg.pad_id, np.int32)
+        out_f = [np.zeros((total, width), np.float32) for _ in range(3)]
+        lengths = np.zeros((total,), np.int32)
+        slot_row = np.full((slots,), -1)  # row decoding in each slot, -1 when free
+        pending = 0  # rows are started in order
+        steps = refills = 0
+        start = time.perf_counter()
+        with self._mesh_context():
+            state = init_slots_jit(
+                self.ref_graph, guide_graph, slots, cache_len, width, self.ref_state, guide_state, pad
+            )
+            while pending < total or (slot_row >= 0).any():
+                free = np.flatnonzero(slot_row < 0)
+                if pending < total and len(free):
+                    take = min(len(free), total - pending)
+                    rows = np.arange(pending, pending + take)
+                    uniq, src = np.unique(rows // n, return_inverse=True)
+                    group = [prompts[p] for p in uniq]
+                    group += [group[0]] * (_pow2_at_least(len(group)) - len(group))
+                    tokens, mask = self._left_pad(group, _round_up(max(len(p) for p in group), cfg.prompt_bucket))
+                    src_all = np.zeros((slots,), np.int32)
+                    dst_all = np.full((slots,), slots, np.int32)  # out of range: dropped
+                    keys_all = np.zeros((slots, 2), np.uint32)
+                    src_all[:take], dst_all[:take], keys_all[:take] = src, free[:take], keys[rows]
+                    state = refill_jit(
+                        self.ref_graph,
+                        guide_graph,
+                        self.ref_state,
+                        guide_state,
+                        state,
+                        jnp.asarray(tokens),
+                        jnp.asarray(mask),
+                        jnp.asarray(src_all),
+                        jnp.asarray(dst_all),
+                        jnp.asarray(keys_all),
+                        pad,
+                    )
+                    slot_row[free[:take]] = rows
+                    pending += take
+                    refills += 1
+                # end a segment early once enough slots are free to be worth a refill
+                refill_at = max(1, slots // 8) if pending < total else slots + 1
+                state, ran = segment_jit(
+                    self.ref_graph,
+                    guide_graph,
+                    spec,
+                    self.ref_state,
+                    guide_state,
+                    state,
+                    np.int32(cfg.segment),
+                    np.int32(refill_at),
+                    knobs,
+                    stop_ids,
+                    pad,
+                )
+                ran, live, age = _fetch((ran, state.live, state.age))
+                steps += int(ran)
+                finished = np.flatnonzero((slot_row >= 0) & ~live)
+                if len(finished):
+                    got = _fetch((state.tokens, state.logp_policy, state.logp_ref, state.kl_token))
+                    r = slot_row[finished]
+                    out_tokens[r] = got[0][finished]
+                    for dst, src in zip(out_f, got[1:]):
+                        dst[r] = src[finished]
+                    lengths[r] = age[finished]
+                    slot_row[finished] = -1
+        end = time.perf_counter()
+        self.last_timings = dict(total=end - start)
+        self.last_stats = dict(
+            steps=steps,
+            slots=slots,
+            refills=refills,
+            useful_tokens=int(lengths.sum()),
+            utilisation=lengths.sum() / (slots * max(steps, 1)),
+        )
+        logp_policy, logp_ref, kl_token = out_f
+        return RolloutBatch(
+            tokens=out_tokens,
+            lengths=lengths,
+            logp_policy=logp_policy,
+            logp_ref=logp_ref,
+            kl_token=kl_token,
+            kl_traj=kl_token.sum(axis=1),
+            prompt_index=np.repeat(np.arange(len(prompts)), n),
+            steps=steps,
         )

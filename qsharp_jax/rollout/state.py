@@ -26,13 +26,20 @@ class SamplerConfig:
     stop_ids: tuple = ()  # a row stops after emitting any of these (the stop token is kept)
     pad_id: int = 0  # written after a row stops (and used for left padding)
     prompt_bucket: int = 64  # padded prompt length = a multiple of this (bounds recompiles)
-    batch_bucket: int = 1  # padded prompt count = a multiple of this
+    batch_bucket: int = 1  # padded prompt count = a multiple of this (static engine)
+    # Continuous batching: > 0 decodes in this many fixed slots (fewer when a call has fewer
+    # rows: the next power of two), refilling slots freed by stopped rows with pending
+    # prompts between segments of ``segment`` decode steps; 0 = one static batch per call.
+    slots: int = 64
+    segment: int = 16
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_KINDS:
             raise ValueError(f"guidance={self.guidance!r} is not one of {GUIDANCE_KINDS}.")
         if self.max_new_tokens < 1 or self.k < 1 or self.prompt_bucket < 1 or self.batch_bucket < 1:
             raise ValueError(f"max_new_tokens, k, prompt_bucket and batch_bucket must be >= 1: {self}")
+        if self.slots < 0 or self.segment < 1:
+            raise ValueError(f"slots must be >= 0 and segment >= 1: {self}")
         object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
 
 
@@ -77,8 +84,29 @@ class DecodeState:
     position: jax.Array  # [N] int32: position id of ``newest``
     done: jax.Array  # [N] bool: the row emitted a stop id
     lengths: jax.Array  # [N] int32: tokens generated, stop token included
-    key: jax.Array  # PRNG key; step i samples with fold_in(key, i)
+    keys: jax.Array  # [N] raw PRNG keys ([N, 2] uint32): row r's step i samples with fold_in(keys[r], i)
     tokens: jax.Array  # [N, T] int32 sampled tokens (pad_id after a row stops)
     logp_policy: jax.Array  # [N, T] float32 log pi(token)
     logp_ref: jax.Array  # [N, T] float32 log pi_ref(token)
     kl_token: jax.Array  # [N, T] float32 KL(pi || pi_ref) per step
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    """The continuous-batching carry: S decode slots, each holding one (prompt, sample) row
+    at its own step ``age``. The caches are circular (column = global step mod length);
+    a slot's prompt sits in the columns just before the step it was inserted at."""
+
+    ref_cache: Any
+    guide_cache: Any
+    newest: jax.Array  # [S] int32
+    position: jax.Array  # [S] int32
+    live: jax.Array  # [S] bool: occupied and still decoding
+    age: jax.Array  # [S] int32: decode steps run by the slot's row (its next output column)
+    lengths: jax.Array  # [S] int32: tokens generated, stop token included
+    keys: jax.Array  # [S, 2] uint32 raw per-row PRNG keys
+    tokens: jax.Array  # [S, T] int32
+    logp_policy: jax.Array  # [S, T] float32
+    logp_ref: jax.Array  # [S, T] float32
+    kl_token: jax.Array  # [S, T] float32
