@@ -198,6 +198,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             save_every=1,
             log_every=1,
             progress_bar=False,
+            pack=False,  # the batch plan below is the unpacked one
         )
     )
     # Poison one example that lands in the epoch's 3rd batch: steps 1 and 2 are saved, step 3 is not.
