@@ -221,15 +221,8 @@ class Sampler:
             utilisation=lengths.sum() / (n_rows * max(int(steps), 1)),
         )
         out_tokens, logp_policy, logp_ref, kl_token = (np.asarray(o[:keep]) for o in outs)
-        return RolloutBatch(
-            tokens=out_tokens,
-            lengths=lengths,
-            logp_policy=logp_policy,
-            logp_ref=logp_ref,
-            kl_token=kl_token,
-            kl_traj=kl_token.sum(axis=1),
-            prompt_index=np.repeat(np.arange(len(prompts)), n),
-            steps=int(steps),
+        return RolloutBatch.from_rows(
+            out_tokens, lengths, logp_policy, logp_ref, kl_token, num_prompts=len(prompts), n=n, steps=steps
         )
 
     def _continuous(self, prompts, n, keys, knobs, spec, stop_ids) -> RolloutBatch:
@@ -321,13 +314,6 @@ class Sampler:
             utilisation=lengths.sum() / (slots * max(steps, 1)),
         )
         logp_policy, logp_ref, kl_token = out_f
-        return RolloutBatch(
-            tokens=out_tokens,
-            lengths=lengths,
-            logp_policy=logp_policy,
-            logp_ref=logp_ref,
-            kl_token=kl_token,
-            kl_traj=kl_token.sum(axis=1),
-            prompt_index=np.repeat(np.arange(len(prompts)), n),
-            steps=steps,
+        return RolloutBatch.from_rows(
+            out_tokens, lengths, logp_policy, logp_ref, kl_token, num_prompts=len(prompts), n=n, steps=steps
         )

@@ -57,6 +57,20 @@ class RolloutBatch:
     prompt_index: np.ndarray
     steps: int = 0  # decode iterations run (early exit when every row stopped)
 
+    @classmethod
+    def from_rows(cls, tokens, lengths, logp_policy, logp_ref, kl_token, *, num_prompts: int, n: int, steps: int):
+        """Rows in (prompt, sample) order; the trajectory KL and prompt index follow from them."""
+        return cls(
+            tokens=tokens,
+            lengths=lengths,
+            logp_policy=logp_policy,
+            logp_ref=logp_ref,
+            kl_token=kl_token,
+            kl_traj=kl_token.sum(axis=1),
+            prompt_index=np.repeat(np.arange(num_prompts), n),
+            steps=int(steps),
+        )
+
     def completions(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
 
