@@ -128,6 +128,16 @@ def standard_error(per_problem: Sequence[float]) -> float:
     return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
+def paired_difference(correct_a: Sequence[Sequence[bool]], correct_b: Sequence[Sequence[bool]]) -> tuple[float, float]:
+    """(mean, standard error) over problems of the difference of per-problem accuracies of two
+    policies evaluated on the same problems (and, in the sweep, the same per-row keys): the
+    pairing removes the between-problem variance that the two separate standard errors carry."""
+    if len(correct_a) != len(correct_b):
+        raise ValueError(f"paired evaluations need the same problems: {len(correct_a)} vs {len(correct_b)}.")
+    diff = [float(np.mean(a)) - float(np.mean(b)) for a, b in zip(correct_a, correct_b)]
+    return float(np.mean(diff)), standard_error(diff)
+
+
 def mean_kl(kl_traj: Sequence[Sequence[float]] | np.ndarray) -> float:
     """Mean trajectory KL over all problems x samples (the paper's aggregation is unstated;
     this is the natural reading)."""

@@ -18,6 +18,12 @@ from qsharp_jax.tasks import catalog, data, grading
 CONFIG_FILE = "config.json"
 DTYPES = ("float32", "bfloat16")
 METHODS = ("qsharp", "cd")  # guided policies of the evaluation sweep (pi_ref is always evaluated)
+# Keys a resumed Q# run may change: each sweep point is saved under its own name (method,
+# 1/eta), so a new list only adds (or leaves out) points, and the GRPO keys belong to the GRPO
+# job (which checks its own config under output_dir/grpo); every other key changes what was computed.
+EXTENDABLE = ("eval.inv_etas", "eval.methods")
+QSHARP_RESUME_FREE = EXTENDABLE + ("method", "grpo")
+JOB_METHODS = ("qsharp", "grpo")  # what the job trains: Algorithm 1's guide, or GRPO policies
 
 
 class ConfigError(ValueError):
@@ -69,6 +75,7 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
         ok = isinstance(v, int) and (v >= 1 or (allow_all and v == -1))
         need(ok, key, "must be a positive integer" + (" (or -1 for all)" if allow_all else ""))
 
+    need(cfg.method in JOB_METHODS, "method", f"must be one of {JOB_METHODS}")
     d = cfg.data
     need(d.answer_format in data.ANSWER_FORMATS, "data.answer_format", f"must be one of {data.ANSWER_FORMATS}")
     need(d.matcher in grading.MATCHERS, "data.matcher", f"must be one of {grading.MATCHERS}")
@@ -115,7 +122,11 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
     positive_int("eval.pass_at_1_rounds")
     need(cfg.eval.inv_eta >= 0, "eval.inv_eta", "must be >= 0")
     etas = tuple(cfg.eval.inv_etas)
-    need(all(isinstance(x, int | float) and x > 0 for x in etas), "eval.inv_etas", "must be positive numbers")
+    need(
+        all(isinstance(x, int | float) and x >= 0 for x in etas),
+        "eval.inv_etas",
+        "must be numbers >= 0 (0: the control without value information, pi_ref on the top-k candidates)",
+    )
     need(set(cfg.eval.methods) <= set(METHODS), "eval.methods", f"must be a subset of {METHODS}")
     need(bool(cfg.output_dir), "output_dir", "must be set")
 
@@ -146,16 +157,18 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
         raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
 
 
-def save_effective_config(cfg: ml_collections.ConfigDict, output_dir: str) -> str:
-    """Write the config this run uses; a resumed run must use the same one."""
+def save_effective_config(cfg: ml_collections.ConfigDict, output_dir: str, free: tuple = QSHARP_RESUME_FREE) -> str:
+    """Write the config this run uses; a resumed run must use the same one, except for the
+    keys (or sections) in ``free``."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, CONFIG_FILE)
     text = cfg.to_json_best_effort(indent=2, sort_keys=True)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old != json.loads(text):
-            changed = sorted(_diff_keys(old, json.loads(text)))
+        diff = _diff_keys(old, json.loads(text), skip_new=True)
+        changed = sorted(k for k in diff if not any(k == f or k.startswith(f + ".") for f in free))
+        if changed:
             raise ConfigError(
                 f"{output_dir} holds a run with a different config (changed: {', '.join(changed)}); "
                 "use a new output_dir or restore the old values."
@@ -165,10 +178,13 @@ def save_effective_config(cfg: ml_collections.ConfigDict, output_dir: str) -> st
     return path
 
 
-def _diff_keys(a, b, prefix=""):
+def _diff_keys(a, b, prefix="", skip_new=False):
+    """Dotted keys whose values differ. With ``skip_new``, keys that only ``b`` has are not
+    differences: they were added to the config after ``a`` was saved (a user cannot add keys),
+    so a run started by an older version resumes with their defaults."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in set(a) | set(b):
-            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        for k in (set(a) | set(b)) - (set(b) - set(a) if skip_new else set()):
+            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.", skip_new)
     elif a != b:
         yield prefix.rstrip(".")
 

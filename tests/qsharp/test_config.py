@@ -201,3 +201,24 @@ def test_arithmetic_config_problems_are_listed():
     fv(argv)
     with pytest.raises(loop.ConfigError, match=r"arithmetic\.kinds=\('div',\): each entry must be one of"):
         validate_config(fv.config)
+
+
+def test_resume_accepts_new_keys_and_sweep_lists_but_not_changed_values(tmp_path):
+    from qsharp_jax.qsharp.job_config import ConfigError, save_effective_config
+
+    out = str(tmp_path)
+    cfg = parse()
+    path = save_effective_config(cfg, out)
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["grpo"], saved["sampler"]["k"]  # as written by a version without these keys
+    with open(path, "w") as f:
+        json.dump(saved, f)
+    save_effective_config(cfg, out)  # keys added since: their defaults, resume accepted
+    save_effective_config(parse("--config.eval.inv_etas=(0.0,3.0)", "--config.grpo.lr=0.5"), out)
+    with pytest.raises(ConfigError, match=r"changed: sampler.k\)"):
+        save_effective_config(parse("--config.sampler.k=3"), out)
+    # the GRPO job's own directory keeps the GRPO keys binding
+    save_effective_config(cfg, str(tmp_path / "grpo"), free=("eval.inv_etas",))
+    with pytest.raises(ConfigError, match=r"changed: grpo.lr\)"):
+        save_effective_config(parse("--config.grpo.lr=0.5"), str(tmp_path / "grpo"), free=("eval.inv_etas",))

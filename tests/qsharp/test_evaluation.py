@@ -188,3 +188,14 @@ def test_graded_metrics_with_standard_errors_and_reward_model():
     assert m["rm_best_of_2"] == pytest.approx(1 / 3)
     assert m["rm_maj1@2"] == pytest.approx(1 / 3)
     assert m["rm_best_of_2_se"] == pytest.approx(np.std([0, 1, 0], ddof=1) / np.sqrt(3))
+
+
+def test_paired_difference_by_hand():
+    a = [[True, True], [False, True], [False, False]]  # per-problem accuracies 1, 1/2, 0
+    b = [[True, False], [False, False], [False, False]]  # 1/2, 0, 0
+    mean, se = evaluation.paired_difference(a, b)
+    # differences 1/2, 1/2, 0: mean 1/3, sample std sqrt(((1/6)^2 * 2 + (1/3)^2) / 2) = sqrt(1/12)
+    assert mean == pytest.approx(1 / 3, abs=1e-15)
+    assert se == pytest.approx(np.sqrt(1 / 12) / np.sqrt(3), abs=1e-15)
+    with pytest.raises(ValueError, match="same problems"):
+        evaluation.paired_difference(a, b[:2])
