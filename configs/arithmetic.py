@@ -11,6 +11,10 @@ Presets:
   default  two Q# iterations and the eta sweep (pi_ref, CD and Q# at 1/eta in 3, 10, 30)
            on 48 test problems x 4 samples; README states its wall time.
   quick    the same pipeline at CI size (seconds of training, a handful of problems).
+
+``--config.method=grpo`` trains GRPO at each of ``grpo.betas`` instead (run it after the Q#
+job in the same output_dir: it matches the Q# collection's sampled tokens and plots its
+points beside the Q# / CD sweep).
 """
 
 from __future__ import annotations
@@ -48,6 +52,17 @@ def _default(c: ml_collections.ConfigDict) -> None:
     c.learner.buckets = (192, 256)
     c.learner.log_every = 20
     c.learner.save_every = 100
+    # GRPO beside Q# (--config.method=grpo): 8 problems x 4 samples per batch. Each beta samples
+    # 8k response tokens (about 3-4 batches), a tenth of the Q# collection above (79.5k: roll-ins
+    # + roll-outs): what three full fine-tunings of the 135M policy fitted on the shared 2-core
+    # CPU of the measured run; token_budget -1 matches the Q# collection exactly.
+    c.grpo.betas = (0.0, 0.04, 0.4)
+    c.grpo.token_budget = 8_000
+    c.grpo.prompts_per_step = 8
+    c.grpo.group_size = 4
+    c.grpo.lr = 2e-5
+    c.grpo.save_every = 4
+    c.grpo.log_every = 4
 
 
 def _quick(c: ml_collections.ConfigDict) -> None:
@@ -71,6 +86,11 @@ def _quick(c: ml_collections.ConfigDict) -> None:
     c.learner.buckets = (160,)
     c.learner.log_every = 1
     c.learner.async_checkpointing = False
+    c.grpo.betas = (0.0, 0.4)
+    c.grpo.token_budget = 96  # a few batches of 2 problems x 2 samples
+    c.grpo.prompts_per_step = 2
+    c.grpo.group_size = 2
+    c.grpo.save_every = 1
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:

@@ -1,7 +1,7 @@
 """The star-graph experiment (spec section 5): ``python -m qsharp_jax.train --config=configs/star_graph.py[:PRESET]``.
 
 Pretrain pi_ref with next-token loss (it learns the Clever-Hans shortcut), collect
-(ground truth, failed sample) pairs, post-train with REINFORCE, DPO and RPO, train the
+(ground truth, failed sample) pairs, post-train with REINFORCE, DPO, RPO and GRPO, train the
 V-type Bernoulli classifier for CD and Q#, run one online Algorithm 1 round (Q# online),
 evaluate everything on held-out test graphs and write table, JSON and bar chart to
 ``output_dir``. Rerunning the same command resumes (finished phases are skipped, training
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import ml_collections
 
+from qsharp_jax.config import grpo_defaults
+
 PRESETS = ("quick", "g2_3", "g2_5", "g5_5", "g3_8")
-METHODS = ("pretrained", "reinforce", "dpo", "rpo", "cd", "qsharp", "qsharp_online")
+METHODS = ("pretrained", "reinforce", "dpo", "rpo", "grpo", "cd", "qsharp", "qsharp_online")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -74,6 +76,10 @@ def _base() -> ml_collections.ConfigDict:
     )  # fmt: skip
     c.rpo = c.dpo.copy_and_resolve_references()
     c.rpo.alpha = 1.0
+    # GRPO: REINFORCE's budget (150 batches of 128 rollouts: 16 graphs x 8 samples), lr and
+    # sampling; 0/1 exact-match reward (REINFORCE's +1 / -0.1 is affine in it: same advantages)
+    c.grpo = grpo_defaults()
+    c.grpo.update(dict(steps=150, prompts_per_step=16, group_size=8, lr=1e-4, beta=0.04, log_every=25, save_every=50))
     # Q# online: one more Algorithm 1 round from the offline classifier's guided policy
     # (classifier_steps: its classifier's steps, 0 = classifier.steps)
     c.online = ml_collections.ConfigDict(dict(graphs=2_000, classifier_steps=500))
@@ -112,6 +118,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         c.reinforce.update(steps=10, batch_size=64, log_every=10, save_every=10)
         c.dpo.update(steps=10, batch_size=64, warmup_steps=2, log_every=10, save_every=10)
         c.rpo.update(steps=10, batch_size=64, warmup_steps=2, log_every=10, save_every=10)
+        c.grpo.update(steps=10, prompts_per_step=8, group_size=8, log_every=10, save_every=10)
         c.online.update(graphs=200, classifier_steps=50)
         c.eval.chunk = 300
     return c

@@ -73,6 +73,33 @@ def sampler_defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def grpo_defaults() -> ml_collections.ConfigDict:
+    """GRPO (Shao et al. 2024) post-training of the policy itself: the issue-14 baseline.
+    Validated by :func:`qsharp_jax.baselines.grpo.validate_grpo_config`."""
+    c = ml_collections.ConfigDict()
+    c.steps = 100  # optimizer batches at most (each: prompts_per_step x group_size rollouts, mu updates)
+    c.token_budget = 0  # stop once this many response tokens were sampled (0 = steps only)
+    c.prompts_per_step = 4
+    c.group_size = 4  # G samples per prompt; advantages are normalised within each group
+    c.mu = 1  # inner updates per batch (1: on-policy, the importance ratio is 1 at the update)
+    c.lr = 1e-5
+    c.beta = 0.04  # k3 KL-to-reference coefficient (0 = no KL term)
+    c.clip_eps = 0.2  # ratio clipped to [1 - clip_eps, 1 + clip_eps]
+    c.eps = 1e-4  # (r - mean) / (std + eps)
+    c.std_normalize = True  # False: r - mean only (Dr. GRPO)
+    c.aggregation = "sequence_mean"  # "sequence_mean" (GRPO) | "token_sum" (Dr. GRPO)
+    c.temperature = 1.0  # rollouts and the loss's log-probs
+    c.top_p = 1.0  # rollout sampling only (the loss uses the untruncated tempered policy, as TRL)
+    c.top_k = 0
+    c.warmup_steps = 0
+    c.weight_decay = 0.0
+    c.clip = 1.0  # gradient global-norm clip (0 = off)
+    c.seed = 7
+    c.log_every = 1
+    c.save_every = 5
+    return c
+
+
 def mesh_defaults() -> ml_collections.ConfigDict:
     """Device mesh sizes; -1 takes all remaining devices."""
     return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -147,6 +174,15 @@ def job_defaults() -> ml_collections.ConfigDict:
     # TPU slice when it is a known one; no check on CPU.
     c.topology = ""
     c.distributed = distributed_defaults()  # multi-host start-up (jax.distributed)
+
+    # "qsharp": Algorithm 1 (this job); "grpo": GRPO post-training of the policy itself at each
+    # of grpo.betas, evaluated like the sweep and plotted beside it (issue 14)
+    c.method = "qsharp"
+    c.grpo = grpo_defaults()
+    c.grpo.betas = (0.04,)  # one trained policy per KL coefficient (grpo.beta is ignored here)
+    c.grpo.token_budget = -1  # -1: as many response tokens as the Q# collection in output_dir sampled
+    c.grpo.temperature = c.sampler.temperature  # roll out like Q#'s collection and evaluation
+    c.grpo.top_p = c.sampler.top_p
     return c
 
 

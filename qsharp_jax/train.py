@@ -3,7 +3,8 @@
 Flags in, one library call out: :func:`qsharp_jax.qsharp.loop.run` does the work (its
 docstring describes the iterations and the output directory). A config with
 ``experiment = "star_graph"`` (``configs/star_graph.py``) runs
-:func:`qsharp_jax.experiments.star_graph.run` instead.
+:func:`qsharp_jax.experiments.star_graph.run` instead, and ``--config.method=grpo`` trains GRPO
+policies on the job's task (:func:`qsharp_jax.experiments.grpo_task.run`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qsharp_jax.core.sharding import maybe_initialize_distributed
-from qsharp_jax.experiments import star_graph
+from qsharp_jax.experiments import grpo_task, star_graph
 from qsharp_jax.qsharp.job_config import unknown_override_keys
 from qsharp_jax.qsharp.loop import ConfigError, run
 
@@ -54,6 +55,8 @@ def main(argv) -> None:
     try:
         if cfg.get("experiment", "qsharp") == "star_graph":
             star_graph.run(cfg)
+        elif cfg.method == "grpo":
+            grpo_task.run(cfg)
         else:
             run(cfg)
     except (ConfigError, star_graph.ConfigError) as e:

@@ -10,7 +10,7 @@ Phases, each writing under ``cfg.output_dir`` and skipped when already done:
    a wrong path (spec 5.5); graphs where pi_ref never failed are dropped.
 4. the methods, each evaluated on the test graphs (sampling, top-k 10, temperature 1,
    exact match of the path; CD and Q# with eta = 0.1), results in ``results/<method>.json``:
-   pretrained; REINFORCE, DPO, RPO (the policy is trained); CD and Q# (one V-type Bernoulli
+   pretrained; REINFORCE, DPO, RPO, GRPO (the policy is trained); CD and Q# (one V-type Bernoulli
    classifier on the pairs, two offset formulas: ln p and ln(p e^{1/eta} + 1 - p)); Q# online
    (one more Algorithm 1 round: roll-in with the Q# policy, pi_ref roll-out, aggregated data,
    classifier retrained from the same initialisation).
@@ -35,12 +35,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from qsharp_jax.baselines import preference, reinforce
+from qsharp_jax.baselines import grpo, preference, reinforce
 from qsharp_jax.checkpoints import training as checkpointing
-from qsharp_jax.core import sampling
 from qsharp_jax.experiments import star_graph_report as report
 from qsharp_jax.models import decoder as model_lib
 from qsharp_jax.models.config import ModelConfig
+from qsharp_jax.policy import divergence
 from qsharp_jax.policy.trainer import PolicyTrainer
 from qsharp_jax.qsharp import star_graph as qsg
 from qsharp_jax.rollout.batched import generate_in_chunks
@@ -48,7 +48,7 @@ from qsharp_jax.rollout.sampler import Sampler
 from qsharp_jax.rollout.state import SamplerConfig
 from qsharp_jax.tasks import star_graph as sg
 
-METHODS = ("pretrained", "reinforce", "dpo", "rpo", "cd", "qsharp", "qsharp_online")
+METHODS = ("pretrained", "reinforce", "dpo", "rpo", "grpo", "cd", "qsharp", "qsharp_online")
 
 
 class ConfigError(ValueError):
@@ -81,6 +81,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             bad.append(f"{sec}: steps, batch_size and lr must be positive")
     if cfg.model.hidden_size % cfg.model.num_heads or cfg.classifier.hidden_size % cfg.classifier.num_heads:
         bad.append("model/classifier hidden_size must be a multiple of num_heads")
+    if "grpo" in cfg.methods:
+        try:
+            grpo.validate_grpo_config(cfg.grpo)
+        except ValueError as e:
+            bad.append(str(e))
     if bad:
         raise ConfigError("; ".join(bad))
 
@@ -147,33 +152,12 @@ def teacher_forced_stats(model, prefixes, targets, chunk=1000) -> dict:
     )
 
 
-def policy_kl(policy, reference, prefixes, completions, temperature, top_k, chunk=500) -> np.ndarray:
+def policy_kl(policy, reference, prefixes, completions, temperature, top_k) -> np.ndarray:
     """[N] sum over the completion's steps of KL(policy after top-k || pi_ref), teacher-forced."""
-    pg, ps = nnx.split(policy)
-    rg, rs = nnx.split(reference)
-
-    def make():
-        @jax.jit
-        def run(ps, rs, tokens, temperature, top_k):
-            mask = jnp.ones(tokens.shape, bool)
-            n_tgt = completions.shape[1]
-            lp = model_lib.forward_logits(nnx.merge(pg, ps), tokens, mask)[:, -n_tgt - 1 : -1]
-            lr = model_lib.forward_logits(nnx.merge(rg, rs), tokens, mask)[:, -n_tgt - 1 : -1]
-            b, t, v = lp.shape
-            lp, lr = lp.reshape(b * t, v), lr.reshape(b * t, v)
-            tempered = sampling.reference_log_probs(lp, temperature)
-            log_pi = sampling.policy_log_probs(lp, tempered, temperature, 1.0, top_k, False)
-            kl = sampling.kl_divergence(log_pi, sampling.reference_log_probs(lr, temperature))
-            return kl.reshape(b, t).sum(axis=1)
-
-        return run
-
-    run = _cached(("kl", rg, completions.shape[1]), pg, make)
-    out = []
-    for s in range(0, len(prefixes), chunk):
-        tokens = np.concatenate([prefixes[s : s + chunk], completions[s : s + chunk]], 1)
-        out.append(np.asarray(run(ps, rs, tokens, np.float32(temperature), np.int32(top_k))))
-    return np.concatenate(out)
+    return divergence.trajectory_kl(
+        policy, reference, prefixes.tolist(), completions.tolist(), temperature=temperature, top_k=top_k,
+        rows_per_call=500, bucket=1,
+    )  # fmt: skip
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -415,6 +399,21 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
             return r.evaluate("reinforce", reference, policy=policy)
 
         results["reinforce"] = r._timed("reinforce", do_reinforce)
+    if "grpo" in methods:
+
+        def do_grpo():
+            if os.path.exists(r._p("results", "grpo.json")):
+                return r.evaluate("grpo", reference)
+            reward = lambda idx, out: sg.exact_match(targets[idx], out.tokens[:, : r.spec.target_len])
+            scfg = SamplerConfig(max_new_tokens=r.spec.target_len, prompt_bucket=prefixes.shape[1])
+            policy, record = grpo.train(
+                nnx.clone(reference), reference, prefixes[:post_n].tolist(), reward, cfg.grpo, scfg,
+                r._p("grpo", "checkpoints"), _log,
+            )  # fmt: skip
+            report.write_json(r._p("grpo", "history.json"), record)
+            return r.evaluate("grpo", reference, policy=policy)
+
+        results["grpo"] = r._timed("grpo", do_grpo)
     for loss in ("dpo", "rpo"):
         if loss in methods:
 

@@ -10,6 +10,7 @@ LABELS = {
     "reinforce": "REINFORCE",
     "dpo": "DPO",
     "rpo": "RPO",
+    "grpo": "GRPO",
     "cd": "CD",
     "qsharp": "Q#",
     "qsharp_online": "Q# online",
@@ -39,9 +40,12 @@ def bar_chart(path: str, results: dict, title: str, degree: int) -> None:
 
     names = list(results)
     acc = [results[n]["accuracy"] for n in names]
-    colors = ["#7f7f7f", "#1f77b4", "#2ca02c", "#17becf", "#ff7f0e", "#d62728", "#9467bd"]
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
-    bars = ax.bar([LABELS.get(n, n) for n in names], acc, color=colors[: len(names)])
+    palette = dict(
+        pretrained="#7f7f7f", reinforce="#1f77b4", dpo="#2ca02c", rpo="#17becf", grpo="#bcbd22", cd="#ff7f0e",
+        qsharp="#d62728", qsharp_online="#9467bd",
+    )  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7.6, 3.6), dpi=120)
+    bars = ax.bar([LABELS.get(n, n) for n in names], acc, color=[palette.get(n, "#8c564b") for n in names])
     for b, n in zip(bars, names):
         ax.text(
             b.get_x() + b.get_width() / 2, b.get_height() + 0.015,

@@ -7,7 +7,10 @@ Pure math on log-probs (tested against hand-computed values):
 * :func:`reinforce_loss`: mean over the batch of ``-(sum_target log pi) * A``, with A from
   :func:`reinforce_advantages` (``"baseline"``: c - mean(c); ``"plus_minus"``: +1 / -0.1);
 * :func:`dpo_loss`: ``-log sigmoid(beta [(lp_c - lp_r) - (ref_c - ref_r)])``, sequence
-  log-probs summed over target tokens; :func:`rpo_loss` adds ``alpha * mean(-lp_c)``.
+  log-probs summed over target tokens; :func:`rpo_loss` adds ``alpha * mean(-lp_c)``;
+* :func:`grpo_loss` (Shao et al. 2024): group-normalised advantages (:func:`grpo_advantages`),
+  the clipped importance ratio and the k3 estimate of KL(pi || pi_ref) (:func:`k3_kl`), per
+  token, aggregated per sequence (GRPO) or as a token sum over a constant (Dr. GRPO).
 
 Each registered loss (:data:`LOSSES`) maps ``(model, batch, hparams) -> (loss, stats)``, so
 the train step is one function for all of them; a new loss (e.g. GRPO) is one more entry.
@@ -24,23 +27,35 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from qsharp_jax.models.decoder import Decoder, forward_logits
+from qsharp_jax.models.decoder import Decoder, forward_logits, positions_from_mask
 
 REINFORCE_REWARDS = ("baseline", "plus_minus")
+GRPO_AGGREGATIONS = ("sequence_mean", "token_sum")
 
 
 # ---- log-probs ------------------------------------------------------------------------------
 
 
-def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """[B, T] log pi(token_t | tokens_<t); column 0 (no context) is 0. logits: [B, T, V]."""
-    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+def token_log_probs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """[B, T] log pi(token_t | tokens_<t) with pi = softmax(logits / temperature); column 0
+    (no context) is 0. logits: [B, T, V]."""
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
     picked = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
-def model_token_log_probs(model: Decoder, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:
-    return token_log_probs(forward_logits(model, tokens, token_mask), tokens)
+def model_token_log_probs(
+    model: Decoder, tokens: jax.Array, token_mask: jax.Array, temperature: float = 1.0, last: int | None = None
+) -> jax.Array:
+    """[B, T] log-probs of ``tokens`` under ``model``. With ``last``, only the last ``last``
+    tokens get one (the rest are 0): the [B, last, vocab] logits are all that is materialised,
+    which is what makes full-vocabulary RL losses fit in memory (rows end with the response)."""
+    if last is None:
+        return token_log_probs(forward_logits(model, tokens, token_mask), tokens, temperature)
+    h, _ = model(tokens, positions_from_mask(token_mask), token_mask=token_mask)
+    logits = model.logits(h[:, -(last + 1) :])  # position t predicts token t + 1
+    lp = token_log_probs(logits, tokens[:, -(last + 1) :], temperature)[:, 1:]
+    return jnp.pad(lp, ((0, 0), (tokens.shape[1] - last, 0)))
 
 
 def sequence_log_probs(token_lp: jax.Array, loss_mask: jax.Array) -> jax.Array:
@@ -83,6 +98,71 @@ def dpo_loss(lp_c, lp_r, ref_c, ref_r, beta: float) -> jax.Array:
 def rpo_loss(lp_c, lp_r, ref_c, ref_r, beta: float, alpha: float = 1.0) -> jax.Array:
     """DPO plus ``alpha`` times the chosen sequences' mean negative log-likelihood."""
     return dpo_loss(lp_c, lp_r, ref_c, ref_r, beta) + alpha * jnp.mean(-lp_c)
+
+
+def grpo_advantages(rewards: jax.Array, group_size: int, eps: float = 1e-4, std_normalize: bool = True) -> jax.Array:
+    """[B] advantages of rewards [B] laid out as consecutive groups of ``group_size`` samples of
+    one prompt: (r - mean_group) / (std_group + eps), std with Bessel's correction (as TRL);
+    exactly zero for a group whose rewards are all equal. ``std_normalize=False`` keeps
+    r - mean_group (Dr. GRPO)."""
+    if group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"GRPO needs groups of >= 2 samples; {rewards.shape[0]} rewards, group_size={group_size}.")
+    r = rewards.astype(jnp.float32).reshape(-1, group_size)
+    centred = r - jnp.mean(r, axis=1, keepdims=True)
+    if std_normalize:
+        centred = centred / (jnp.std(r, axis=1, ddof=1, keepdims=True) + eps)
+    all_equal = jnp.max(r, axis=1, keepdims=True) == jnp.min(r, axis=1, keepdims=True)
+    return jnp.where(all_equal, 0.0, centred).reshape(-1)
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """Per-token k3 estimate of KL(pi || pi_ref) at tokens sampled from pi (Schulman 2020):
+    exp(ref - lp) - (ref - lp) - 1 >= 0; unbiased, its expectation under pi is the KL."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0
+
+
+def grpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    ref_logp: jax.Array,
+    advantages: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    clip_eps: float = 0.2,
+    beta: float = 0.04,
+    aggregation: str = "sequence_mean",
+    max_response_tokens: int | None = None,
+) -> tuple[jax.Array, dict]:
+    """GRPO objective, negated. Per response token t of row i (``loss_mask``):
+
+    ``-[min(rho A_i, clip(rho, 1 - clip_eps, 1 + clip_eps) A_i) - beta k3_t]``, rho = exp(lp - old_lp);
+
+    aggregated as ``"sequence_mean"`` (mean over rows of each row's token mean, the GRPO paper)
+    or ``"token_sum"`` (sum over every token / (rows x max_response_tokens), Dr. GRPO's
+    constant normaliser, so long responses are not down-weighted)."""
+    m = loss_mask.astype(jnp.float32)
+    ratio = jnp.exp(logp - old_logp)
+    adv = jax.lax.stop_gradient(advantages)[:, None]
+    surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
+    kl = k3_kl(logp, ref_logp)
+    per_token = -(surrogate - beta * kl)
+    if aggregation == "sequence_mean":
+        loss = jnp.mean(jnp.sum(per_token * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0))
+    elif aggregation == "token_sum":
+        if not max_response_tokens:
+            raise ValueError("aggregation='token_sum' needs max_response_tokens (the normaliser).")
+        loss = jnp.sum(per_token * m) / (m.shape[0] * max_response_tokens)
+    else:
+        raise ValueError(f"GRPO aggregation={aggregation!r} is not one of {GRPO_AGGREGATIONS}.")
+    tokens = jnp.maximum(jnp.sum(m), 1.0)
+    clipped = (jnp.abs(ratio - 1.0) > clip_eps) & (loss_mask > 0)
+    stats = dict(
+        kl=jnp.sum(kl * m) / tokens,
+        clip_fraction=jnp.sum(clipped) / tokens,
+        ratio=jnp.sum(ratio * m) / tokens,
+    )
+    return loss, stats
 
 
 # ---- registry --------------------------------------------------------------------------------
@@ -130,6 +210,20 @@ def _reinforce(model, batch, hp: Mapping):
     seq_lp = sequence_log_probs(lp, batch["loss_mask"])
     adv = reinforce_advantages(batch["reward"], hp["reward"])
     return reinforce_loss(seq_lp, adv), dict(mean_reward=jnp.mean(batch["reward"]), seq_logp=jnp.mean(seq_lp))
+
+
+@register("grpo", _SEQ + ("advantage", "old_logp", "ref_logp"))
+def _grpo(model, batch, hp: Mapping):
+    """``hp``: temperature, clip_eps, beta, aggregation, max_response_tokens, response_window
+    (rows end with their response, at most this long: log-probs of the last tokens only),
+    on_policy (one update per batch: the old policy is the current one, ``old_logp`` unread)."""
+    lp = model_token_log_probs(model, batch["tokens"], batch["token_mask"], hp["temperature"], hp["response_window"])
+    old = jax.lax.stop_gradient(lp) if hp["on_policy"] else batch["old_logp"]
+    loss, stats = grpo_loss(
+        lp, old, batch["ref_logp"], batch["advantage"], batch["loss_mask"], clip_eps=hp["clip_eps"],
+        beta=hp["beta"], aggregation=hp["aggregation"], max_response_tokens=hp["max_response_tokens"],
+    )  # fmt: skip
+    return loss, dict(stats, mean_advantage_abs=jnp.mean(jnp.abs(batch["advantage"])))
 
 
 def _pair_log_probs(model, batch):

@@ -33,6 +33,7 @@ from qsharp_jax.checkpoints import loader
 from qsharp_jax.core import multihost, sharding
 from qsharp_jax.distributed import planner, topologies
 from qsharp_jax.guidance import learner as learner_lib, scoring
+from qsharp_jax.policy import divergence
 from qsharp_jax.qsharp import collect, evaluation, report
 from qsharp_jax.qsharp.job_config import ConfigError, model_path, save_effective_config, validate_config
 from qsharp_jax.rollout.sampler import Sampler
@@ -128,7 +129,8 @@ class QSharpRun:
             stop.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(stop))
 
-    def sampler(self, guide=None, guidance: str | None = None):
+    def sampler(self, guide=None, guidance: str | None = None, model=None):
+        """The configured sampler of ``model`` (default the reference), optionally guided."""
         s = self.cfg.sampler
         pad = self.tokenizer.pad_token_id
         config = SamplerConfig(
@@ -140,7 +142,7 @@ class QSharpRun:
             prompt_bucket=s.prompt_bucket,
             batch_bucket=s.problems_per_batch,
         )  # fixed batch shapes: fewer compiles
-        return Sampler(self.reference.model, guide, config, mesh=self.mesh)
+        return Sampler(self.reference.model if model is None else model, guide, config, mesh=self.mesh)
 
     def num_shards(self) -> int:
         return -(-len(self.train_problems) // self.cfg.collect.problems_per_shard)
@@ -258,10 +260,21 @@ class QSharpRun:
             self.guides[iteration] = learner_lib.load_trained_guide(self._checkpoint_dir(iteration), mesh=self.mesh)
         return self.guides[iteration]
 
-    def evaluate(self, name: str, guide=None, *, guidance: str = "qsharp", inv_eta: float | None = None) -> dict:
-        """Metrics of pi_ref (guide None) or pi_ref guided with ``guidance`` at ``inv_eta``
-        (default eval.inv_eta); cached on disk with the graded samples. Every policy is sampled
-        with the same key: common random numbers make the comparison less noisy."""
+    def evaluate(
+        self,
+        name: str,
+        guide=None,
+        *,
+        guidance: str = "qsharp",
+        inv_eta: float | None = None,
+        policy=None,
+        method: str | None = None,
+    ) -> dict:
+        """Metrics of pi_ref (guide None), pi_ref guided with ``guidance`` at ``inv_eta``
+        (default eval.inv_eta), or a trained ``policy`` (named ``method``; its KL to pi_ref is
+        measured teacher-forced on its samples, same convention); cached on disk with the graded
+        samples. Every policy is sampled with the same key: common random numbers make the
+        comparison less noisy."""
         path = self._eval_path(name)
         if os.path.exists(path):
             _log(f"eval {name}: reusing {path}")
@@ -270,7 +283,7 @@ class QSharpRun:
         inv_eta = e.inv_eta if inv_eta is None else inv_eta
         t = time.time()
         graded = evaluation.sample_and_grade(
-            self.sampler(guide, guidance),
+            self.sampler(guide, guidance, model=policy),
             self.tokenizer,
             self.eval_prompts,
             [p.answer for p in self.eval_problems],
@@ -284,8 +297,17 @@ class QSharpRun:
             problems_per_batch=s.problems_per_batch,
             progress=_progress(f"eval {name}"),
         )
+        if policy is not None:  # the sampler measured KL(policy as sampled || policy): replace it
+            prompts = [p for p, ids in zip(self.eval_prompts, graded.response_ids) for _ in ids]
+            kl = divergence.trajectory_kl(
+                policy, self.reference.model, prompts, [r for ids in graded.response_ids for r in ids],
+                temperature=s.temperature, top_p=s.top_p, pad_id=int(self.cfg.learner.pad_id),
+            )  # fmt: skip
+            split = np.cumsum([len(ids) for ids in graded.response_ids])[:-1]
+            graded.kl_traj[:] = [[float(x) for x in part] for part in np.split(kl, split)]
         metrics = graded.metrics(self.task.grader, rounds=e.pass_at_1_rounds, seed=self.cfg.seed)
-        metrics.update(method="pi_ref" if guide is None else guidance, inv_eta=inv_eta if guide is not None else 0.0)
+        default_method = "pi_ref" if guide is None and policy is None else guidance
+        metrics.update(method=method or default_method, inv_eta=inv_eta if guide is not None else 0.0)
         metrics["seconds"] = time.time() - t
         _write_json(path, metrics)
         _write_json(
@@ -352,20 +374,45 @@ class QSharpRun:
     def sweep(self, results: dict[str, dict]) -> dict[str, dict]:
         """pi_ref, then each of eval.methods at each of eval.inv_etas, on the same problems and
         seeds. CD uses the guide of iteration 1 (trained on pi_ref roll-ins only, as in the paper),
-        Q# the guide of the last iteration."""
+        Q# the guide of the last iteration. 1/eta = 0 is the control without value information
+        (pi_ref restricted to the k candidates, the same policy for every method): evaluated once."""
         cfg, last = self.cfg, self.cfg.collect.iterations
         points = {"pi_ref": results["pi_ref"]}
+        samples = {"pi_ref": "pi_ref"}  # point -> the evaluation whose samples it is
         for method in cfg.eval.methods:
             iteration = 1 if method == "cd" else last
             for inv_eta in cfg.eval.inv_etas:
                 name = f"{method}_inv{inv_eta:g}"
+                zero = [n for n in points if n.endswith("_inv0")]
+                if float(inv_eta) == 0.0 and zero:  # every offset is 0: pi_ref on the top-k, for each method
+                    points[name], samples[name] = dict(points[zero[0]], method=method), samples[zero[0]]
+                    continue
                 same_as_headline = method == "qsharp" and float(inv_eta) == float(cfg.eval.inv_eta)
                 if same_as_headline and f"qsharp_iter{last}" in results:
                     points[name] = results[f"qsharp_iter{last}"]  # same policy, key and problems
+                    samples[name] = f"qsharp_iter{last}"
                     continue
                 guide = None if os.path.exists(self._eval_path(name)) else self.guide(iteration)
                 points[name] = self.evaluate(name, guide, guidance=method, inv_eta=float(inv_eta))
-        return points
+                samples[name] = name
+        return self.with_paired_differences(points, samples)
+
+    def with_paired_differences(self, points: dict[str, dict], samples: dict[str, str]) -> dict[str, dict]:
+        """Each point's per-problem accuracy minus pi_ref's on the same problems and keys
+        (``pass@1_vs_pi_ref`` and its paired standard error), read from the saved samples."""
+        correct = {}
+        for name in set(samples.values()):
+            path = os.path.join(self.out, "eval", f"{name}_samples.json")
+            if os.path.exists(path):
+                correct[name] = _read_json(path)["correct"]
+        out = {}
+        for name, m in points.items():
+            m = dict(m)
+            if name != "pi_ref" and samples.get(name) in correct and "pi_ref" in correct:
+                diff, se = evaluation.paired_difference(correct[samples[name]], correct["pi_ref"])
+                m.update({"pass@1_vs_pi_ref": diff, "pass@1_vs_pi_ref_se": se})
+            out[name] = m
+        return out
 
     def run(self) -> dict[str, dict]:
         cfg = self.cfg

@@ -73,7 +73,7 @@ def tiny_model_dir(tmp_path_factory):
     return write_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), byte_chat_tokenizer())
 
 
-def smoke_config(model_dir, output_dir):
+def smoke_config(model_dir, output_dir, *extra):
     argv = [
         "prog",
         f"--config={CONFIG}",
@@ -96,6 +96,7 @@ def smoke_config(model_dir, output_dir):
         "--config.learner.buckets=(512,)",
         "--config.learner.progress_bar=False",
         "--config.eval.inv_etas=(3.0, 10.0)",
+        *extra,
     ]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)
@@ -127,7 +128,8 @@ def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
     # policy on the same problems with the same key; Q# at eval.inv_eta is the headline row.
     sweep = summary["sweep"]
     assert set(sweep) == {"pi_ref", "qsharp_inv3", "qsharp_inv10", "cd_inv3", "cd_inv10"}
-    assert sweep["qsharp_inv10"] == results["qsharp_iter2"]
+    unpaired = lambda m: {k: v for k, v in m.items() if not k.startswith("pass@1_vs_pi_ref")}
+    assert unpaired(sweep["qsharp_inv10"]) == results["qsharp_iter2"]
     assert {(m["method"], m["inv_eta"]) for m in sweep.values()} == {
         ("pi_ref", 0.0),
         ("qsharp", 3.0),
@@ -141,6 +143,11 @@ def test_train_runs_end_to_end_and_resumes(tiny_model_dir, tmp_path, capsys):
         with open(os.path.join(eval_dir, f"{name}_samples.json")) as f:
             samples[name] = json.load(f)
     assert len({json.dumps(s["questions"]) for s in samples.values()}) == 1
+    # each point's paired difference from pi_ref, recomputed from the two saved sample sets
+    for point, name in (("qsharp_inv10", "qsharp_iter2"), ("cd_inv3", "cd_inv3")):
+        diff = [np.mean(a) - np.mean(b) for a, b in zip(samples[name]["correct"], samples["pi_ref"]["correct"])]
+        assert sweep[point]["pass@1_vs_pi_ref"] == pytest.approx(np.mean(diff), abs=1e-12)
+    assert "pass@1_vs_pi_ref" not in sweep["pi_ref"]
     assert all(len(row) == 2 for s in samples.values() for row in s["response_ids"])
     # CD and Q# at one eta differ only in the offset formula: different samples, same problems.
     assert samples["cd_inv10"]["response_ids"] != samples["qsharp_iter2"]["response_ids"]
@@ -248,3 +255,45 @@ def test_a_task_defined_here_runs_through_collect_learn_evaluate(tiny_model_dir,
     )
     assert metrics["num_problems"] == 2 and 0.0 <= metrics["pass@1"] <= 1.0 and metrics["kl"] > 0.0
     assert set(metrics) >= {"pass@1_se", "maj1@2", "pass@2", "kl_se"}
+
+
+def test_grpo_job_trains_each_beta_evaluates_like_the_sweep_and_resumes(tiny_model_dir, tmp_path, capsys):
+    from qsharp_jax.experiments import grpo_task
+    from qsharp_jax.qsharp.job_config import ConfigError
+
+    out = str(tmp_path / "grpo")
+    args = ["--config.method=grpo", "--config.grpo.betas=(0.0, 0.5)", "--config.grpo.prompts_per_step=2",
+            "--config.grpo.group_size=2", "--config.grpo.save_every=1", "--config.grpo.lr=1e-2"]  # fmt: skip
+    with pytest.raises(ConfigError, match="run the Q# job first"):  # token_budget -1 and no Q# rollouts
+        grpo_task.run(smoke_config(tiny_model_dir, out, *args))
+    cfg = smoke_config(tiny_model_dir, out, *args, "--config.grpo.token_budget=30")
+    frontier = grpo_task.run(cfg)
+    assert set(frontier) == {"grpo_beta0", "grpo_beta0.5"}  # no Q# sweep saved in this output_dir
+    for beta, name in ((0.0, "grpo_beta0"), (0.5, "grpo_beta0.5")):
+        m = frontier[name]
+        assert m["method"] == "grpo" and m["beta"] == beta and m["label"] == f"β={beta:g}"
+        # batches of 2 problems x 2 samples x <= 6 new tokens (<= 24 tokens) until >= 30 tokens
+        assert 30 <= m["sampled_tokens"] < 30 + 24 and m["batches"] >= 2 and m["optimizer_steps"] == m["batches"]
+        assert np.isfinite(m["kl"]) and m["kl"] > 0.0 and {"pass@1", "maj1@2", "pass@2"} <= set(m)
+        with open(os.path.join(out, "eval", f"{name}_samples.json")) as f:
+            samples = json.load(f)
+        assert [len(r) for r in samples["response_ids"]] == [2, 2]
+    for name in ("frontier.json", "frontier.csv", "accuracy_vs_kl.png", "config.json"):
+        assert os.path.getsize(os.path.join(out, "grpo", name)) > 0
+    assert "grpo_beta0.5" in capsys.readouterr().out
+    assert grpo_task.run(cfg) == frontier  # a rerun reads every beta back
+    assert capsys.readouterr().err.count("reusing") == 2
+
+
+def test_qsharp_collection_tokens_counts_roll_ins_and_roll_outs(tmp_path):
+    from qsharp_jax.experiments.grpo_task import qsharp_collection_tokens
+    from qsharp_jax.qsharp import collect
+
+    def rollout(n_response, n_continuation, iteration):
+        return collect.Rollout("q", "1", [1, 2], [5] * n_response, False, 0, [6] * n_continuation, 0.0, iteration, 0)
+
+    collect.save_rollouts(collect.rollouts_path(str(tmp_path), 1, 0), [rollout(3, 4, 1), rollout(2, 0, 1)])
+    collect.save_rollouts(collect.rollouts_path(str(tmp_path), 2, 0), [rollout(5, 1, 2)])
+    assert qsharp_collection_tokens(str(tmp_path)) == 3 + 4 + 2 + 5 + 1
+    assert qsharp_collection_tokens(str(tmp_path), "1") == 9
+    assert qsharp_collection_tokens(str(tmp_path / "none")) == 0
