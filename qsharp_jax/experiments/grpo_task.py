@@ -55,6 +55,13 @@ def qsharp_collection_tokens(output_dir: str, iteration: str = "*") -> int:
     return total
 
 
+def guide_steps(run: QSharpRun, iteration: int) -> int:
+    """Optimizer steps of an iteration's guide: its last checkpoint's step (0 if none saved)."""
+    directory = run.checkpoint_dir(iteration)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return max((int(n) for n in names if n.isdigit()), default=0)  # Orbax names step directories by step
+
+
 def _write_json(path: str, value) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as f:
@@ -125,11 +132,13 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     if os.path.exists(sweep_path):
         with open(sweep_path) as f:
             frontier = json.load(f)
-        # the collection behind each guide: CD's is iteration 1's, Q#'s every iteration's
+        # the collection and guide training behind each guide: CD's is iteration 1's, Q#'s every iteration's
+        iterations = cfg.collect.iterations
         tokens = dict(qsharp=qsharp_collection_tokens(out), cd=qsharp_collection_tokens(out, "1"))
+        steps = dict(qsharp=sum(guide_steps(r, k) for k in range(1, iterations + 1)), cd=guide_steps(r, 1))
         for m in frontier.values():
             if m.get("method") in tokens:
-                m["sampled_tokens"] = tokens[m["method"]]
+                m.update(sampled_tokens=tokens[m["method"]], optimizer_steps=steps[m["method"]])
     frontier.update(points)
     if multihost.is_main():
         _write_json(os.path.join(grpo_dir, "frontier.json"), frontier)

@@ -197,7 +197,7 @@ class QSharpRun:
         )
         return rollouts
 
-    def _checkpoint_dir(self, iteration: int) -> str:
+    def checkpoint_dir(self, iteration: int) -> str:
         base = self.cfg.learner.checkpoint_dir or os.path.join(self.out, "guide")
         return os.path.join(os.path.abspath(base), f"iteration_{iteration}")
 
@@ -230,7 +230,7 @@ class QSharpRun:
             )
         lcfg = self.cfg.learner.copy_and_resolve_references()
         with lcfg.unlocked():
-            lcfg.checkpoint_dir = self._checkpoint_dir(iteration)
+            lcfg.checkpoint_dir = self.checkpoint_dir(iteration)
         t = time.time()
         guide, _ = learner_lib.build_guidance_model(lcfg, self.mesh, reference_tokenizer=self.tokenizer)
         result = learner_lib.fit(guide, examples, lcfg, mesh=self.mesh)
@@ -257,7 +257,7 @@ class QSharpRun:
     def guide(self, iteration: int):
         """The guide of ``iteration``: trained in this process, or read back from its checkpoint."""
         if iteration not in self.guides:
-            self.guides[iteration] = learner_lib.load_trained_guide(self._checkpoint_dir(iteration), mesh=self.mesh)
+            self.guides[iteration] = learner_lib.load_trained_guide(self.checkpoint_dir(iteration), mesh=self.mesh)
         return self.guides[iteration]
 
     def evaluate(
@@ -367,7 +367,7 @@ class QSharpRun:
         evaluated = cfg.eval.every_iteration or iteration == cfg.collect.iterations
         if evaluated and not os.path.exists(self._eval_path(f"qsharp_iter{iteration}")):
             return True
-        if not os.path.isdir(self._checkpoint_dir(iteration)):
+        if not os.path.isdir(self.checkpoint_dir(iteration)):
             return True  # the sweep and the reward model read every guide back
         return iteration < cfg.collect.iterations and not self.rollouts_saved(iteration + 1)
 
