@@ -463,7 +463,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     """Start jax.distributed if configured, validate, check the memory plan, save the effective
     config, run every iteration and the evaluation sweep; returns the summary (``policies``,
     ``sweep``, ``reward_model``, ``calibration``)."""
-    multihost.initialize_from_config(cfg)  # before any other JAX call
+    try:
+        multihost.initialize(cfg)  # before any other JAX call (a no-op if train.py started it)
+    except multihost.DistributedConfigError as e:
+        raise ConfigError(str(e)) from None
     validate_config(cfg, num_devices=jax.device_count())
     check_fits(cfg)
     cache_dir = enable_compilation_cache(cfg)

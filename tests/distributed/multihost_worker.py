@@ -22,7 +22,8 @@ import jax  # noqa: E402
 
 from qsharp_jax.core import multihost  # noqa: E402
 
-started = multihost.initialize("auto", f"localhost:{port}" if nproc > 1 else "", nproc, pid)
+address = f"localhost:{port}" if nproc > 1 else ""
+started = multihost.initialize(dict(coordinator_address=address, num_processes=nproc, process_id=pid))
 assert started == (nproc > 1) and jax.process_count() == nproc and jax.device_count() == 8
 
 import jax.numpy as jnp  # noqa: E402
