@@ -18,8 +18,12 @@ Rules the rest of the code follows:
 * a global batch is built with ``jax.make_array_from_callback`` from the host batch: each
   process materialises only the rows of its own devices;
 * results spread over processes are gathered with :func:`to_host` before host code reads them;
-* files: process 0 writes what exists once (config, summaries, plots); a rollout shard is
-  written by the process that :func:`owns` it; Orbax checkpoints are written by all processes.
+* files: process 0 writes the job's record (config, rollout shards, evaluations, summaries,
+  plots) into its output directory, which need not be shared (on TPU VMs it is each host's
+  disk, synced to a bucket from worker 0); whether a saved piece exists, and its content, are
+  process 0's, sent to the others (:func:`agree`, :func:`read_text`), so a resumed run takes
+  the same branches everywhere. Orbax checkpoints are written by all processes into a
+  directory they all see.
 """
 
 from __future__ import annotations
@@ -169,11 +173,6 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def owns(item: int) -> bool:
-    """Whether this process writes item ``item`` of a list split round-robin over processes."""
-    return item % jax.process_count() == jax.process_index()
-
-
 def share(items: Sequence, index: int | None = None, count: int | None = None) -> list:
     """This process's round-robin share of ``items`` (index i goes to process i % count)."""
     index = jax.process_index() if index is None else index
@@ -200,3 +199,42 @@ def sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def agree(flag: bool) -> bool:
+    """Process 0's ``flag`` on every process (a resume decision all must take alike)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(int(bool(flag)), np.int32)))
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (e.g. a SIGTERM that reached one host first)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))))
+
+
+def read_text(path: str) -> str:
+    """The text of ``path`` as process 0 reads it, on every process (the others need not see
+    the file: each host may have its own output directory)."""
+    if jax.process_count() == 1:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    from jax.experimental import multihost_utils
+
+    data = b""
+    if is_main():
+        with open(path, "rb") as f:
+            data = f.read()
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
+    # int32 words (the CPU collectives reduce no uint8), power-of-two counts: few compiled broadcasts
+    words = max(256, 1 << (-(-size // 4) - 1).bit_length())
+    buffer = np.zeros(words * 4, np.uint8)
+    buffer[: len(data)] = np.frombuffer(data, np.uint8)  # the others send zeros
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer.view(np.int32)), np.int32)
+    return received.view(np.uint8)[:size].tobytes().decode("utf-8")

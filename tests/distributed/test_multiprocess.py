@@ -80,7 +80,8 @@ def test_two_processes_match_one(tmp_path):
     for i in range(2):
         with open(two / f"process_{i}.json") as f:
             info = json.load(f)
-        assert info == dict(process=i, local_devices=4, steps=STEPS)
+        text = "written by process 0 \u00e9" * 300  # process 0's file, read by process 0 only
+        assert info == dict(process=i, local_devices=4, steps=STEPS, agree=True, any=True, none=False, text=text)
     assert sorted(d for d in os.listdir(two / "ckpt") if d.isdigit()) == ["2", "4"]
     # logs come from process 0 only
     assert "step 1:" in outputs[0] and "step 1:" not in outputs[1]
