@@ -146,6 +146,10 @@ def validate_config(cfg: ml_collections.ConfigDict, num_devices: int | None = No
         raise ConfigError("invalid config:\n  " + "\n  ".join(bad))
 
 
+# sections a resumed run may change: a rerun of a multi-host job may get another coordinator port
+PLACEMENT_KEYS = ("distributed",)
+
+
 def save_effective_config(cfg: ml_collections.ConfigDict, output_dir: str) -> str:
     """Write the config this run uses; a resumed run must use the same one."""
     os.makedirs(output_dir, exist_ok=True)
@@ -154,8 +158,12 @@ def save_effective_config(cfg: ml_collections.ConfigDict, output_dir: str) -> st
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old != json.loads(text):
-            changed = sorted(_diff_keys(old, json.loads(text)))
+        new = json.loads(text)
+        for key in PLACEMENT_KEYS:  # where the processes meet, not what they compute
+            old.pop(key, None)
+            new.pop(key, None)
+        if old != new:
+            changed = sorted(_diff_keys(old, new))
             raise ConfigError(
                 f"{output_dir} holds a run with a different config (changed: {', '.join(changed)}); "
                 "use a new output_dir or restore the old values."
