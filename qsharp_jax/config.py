@@ -108,9 +108,10 @@ def mesh_defaults() -> ml_collections.ConfigDict:
 def distributed_defaults() -> ml_collections.ConfigDict:
     """Multi-host start-up (:func:`qsharp_jax.core.multihost.initialize`).
 
-    mode "auto": start ``jax.distributed`` when a coordinator is set (here or in
-    ``JAX_COORDINATOR_ADDRESS``) or on one host of a multi-host TPU slice (JAX detects the
-    rest); "on": always; "off": never. -1 / "" = take it from the environment."""
+    mode "auto": start ``jax.distributed`` when ``QSHARP_JAX_DISTRIBUTED=1`` (launch/worker.sh),
+    when a coordinator is set (here or in ``JAX_COORDINATOR_ADDRESS``) or on one host of a
+    multi-host TPU slice (JAX detects the rest); "on": always; "off": never. -1 / "" = take it
+    from the environment (``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``)."""
     return ml_collections.ConfigDict(dict(mode="auto", coordinator_address="", num_processes=-1, process_id=-1))
 
 

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qsharp_jax.core.sharding import maybe_initialize_distributed
+from qsharp_jax.core import multihost
 from qsharp_jax.experiments import grpo_task, star_graph
 from qsharp_jax.qsharp.job_config import unknown_override_keys
 from qsharp_jax.qsharp.loop import ConfigError, run
@@ -48,18 +48,19 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file rename at INFO
-    maybe_initialize_distributed()  # multi-host slices (launch/worker.sh sets QSHARP_JAX_DISTRIBUTED=1)
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("pass --config=configs/gsm8k.py (optionally :PRESET, e.g. configs/gsm8k.py:paper).")
     try:
+        # the config's distributed section, QSHARP_JAX_DISTRIBUTED (launch/worker.sh) or a TPU slice
+        multihost.initialize(cfg)
         if cfg.get("experiment", "qsharp") == "star_graph":
             star_graph.run(cfg)
         elif cfg.method == "grpo":
             grpo_task.run(cfg)
         else:
             run(cfg)
-    except (ConfigError, star_graph.ConfigError) as e:
+    except (ConfigError, star_graph.ConfigError, multihost.DistributedConfigError) as e:
         sys.exit(f"error: {e}")
 
 

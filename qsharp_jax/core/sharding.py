@@ -9,7 +9,6 @@ module's static graph: the reference and the guidance model may use different ta
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,21 +18,6 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-DISTRIBUTED_ENV = "QSHARP_JAX_DISTRIBUTED"  # "1": one process per host of a multi-host slice
-
-
-def maybe_initialize_distributed() -> bool:
-    """Join the multi-host JAX runtime when ``QSHARP_JAX_DISTRIBUTED=1`` (``launch/worker.sh``
-    sets it on every host of a multi-host TPU slice): then ``jax.devices()`` lists the whole
-    slice and Orbax can coordinate its hosts. On Cloud TPU, JAX finds the coordinator and the
-    process ids itself. Call it before anything touches a device; returns whether it did."""
-    value = os.environ.get(DISTRIBUTED_ENV, "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{DISTRIBUTED_ENV}={value!r}: set it to 1 (one process per host of a slice) or unset it.")
-    if value != "1":
-        return False
-    jax.distributed.initialize()
-    return True
 
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)

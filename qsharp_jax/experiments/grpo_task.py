@@ -34,7 +34,13 @@ from tqdm import tqdm
 from qsharp_jax.baselines import grpo
 from qsharp_jax.core import multihost
 from qsharp_jax.qsharp import evaluation, report
-from qsharp_jax.qsharp.job_config import EXTENDABLE, ConfigError, save_effective_config, validate_config
+from qsharp_jax.qsharp.job_config import (
+    EXTENDABLE,
+    PLACEMENT_KEYS,
+    ConfigError,
+    save_effective_config,
+    validate_config,
+)
 from qsharp_jax.qsharp.loop import QSharpRun, enable_compilation_cache
 
 
@@ -72,7 +78,7 @@ def _write_json(path: str, value) -> None:
 def run(cfg: ml_collections.ConfigDict) -> dict:
     """Train and evaluate GRPO at every beta of ``cfg.grpo.betas``; returns the frontier
     {name: metrics} (the Q# run's sweep points when saved, then the GRPO points)."""
-    multihost.initialize_from_config(cfg)
+    multihost.initialize(cfg)
     validate_config(cfg, num_devices=jax.device_count())
     try:
         grpo.validate_grpo_config(cfg.grpo)
@@ -91,7 +97,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
                 "first (the same command without --config.method=grpo) or set --config.grpo.token_budget=N."
             )
     enable_compilation_cache(cfg)
-    saved = save_effective_config(cfg, grpo_dir, free=EXTENDABLE)
+    saved = save_effective_config(cfg, grpo_dir, free=EXTENDABLE + PLACEMENT_KEYS)
     _log(f"effective config saved to {saved}; token budget per beta: {budget}")
     t = time.time()
     r = QSharpRun(cfg)

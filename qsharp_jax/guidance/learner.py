@@ -400,7 +400,8 @@ def _loop(train, state, stream, total_steps, batch_sharding, cfg, ckpt, effectiv
                     calib, window = None, dict(loss=0.0, grad_norm=0.0, n=0, tokens=0, t0=time.perf_counter())
                 if done % cfg.save_every == 0:
                     save(state)
-                if sigterm.requested:
+                # multi-host: SIGTERM reaches the hosts at different steps; all save the same one
+                if multihost.any_process(sigterm.requested):
                     save(state)
                     if ckpt is not None:
                         ckpt.wait()

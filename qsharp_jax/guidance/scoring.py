@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qsharp_jax.core import metrics
+from qsharp_jax.core import metrics, multihost
 from qsharp_jax.guidance.batching import Example, collate
 from qsharp_jax.guidance.model import GuidanceModel
 from qsharp_jax.guidance.train_step import predicted_mean, predictions
@@ -53,9 +54,16 @@ def predicted_means(
 ) -> list[np.ndarray]:
     """Per example, the guide's predicted E[Z] at each of its target positions."""
     graphdef, state = nnx.split(guide)
+    leaves = jax.tree.leaves(state)
+    mesh = getattr(leaves[0].sharding, "mesh", None) if leaves else None
     out: list[np.ndarray | None] = [None] * len(examples)
     for idx, batch in _batches(examples, batch_size, bucket, pad_id):
-        mean, mask = jax.device_get(_forward_means(graphdef, state, batch))
+        if jax.process_count() > 1 and isinstance(mesh, Mesh):
+            # multi-host: the guide spans processes, so the (identical) host batch becomes one
+            # global array that every device holds; results are gathered back to every host
+            whole = NamedSharding(mesh, P())
+            batch = {k: jax.make_array_from_callback(v.shape, whole, lambda i, v=v: v[i]) for k, v in batch.items()}
+        mean, mask = multihost.to_host(_forward_means(graphdef, state, batch))
         for row, i in enumerate(idx):
             out[i] = np.asarray(mean[row][np.asarray(mask[row])], np.float64)
     return out

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from qsharp_jax.guidance.batching import Example
-from qsharp_jax.tasks.data import DataFormatError, read_jsonl
+from qsharp_jax.tasks.data import DataFormatError, parse_jsonl, read_jsonl
 from qsharp_jax.tasks.grading import Grader
 
 
@@ -206,11 +206,13 @@ def save_rollouts(path: str | os.PathLike, rollouts: Sequence[Rollout]) -> None:
     os.replace(tmp, path)
 
 
-def load_rollouts(path: str | os.PathLike) -> list[Rollout]:
+def load_rollouts(path: str | os.PathLike, text: str | None = None) -> list[Rollout]:
+    """The rollouts saved in ``path`` (or in ``text``, that file's content read elsewhere)."""
     path = os.fspath(path)
     fields = [f.name for f in dataclasses.fields(Rollout)]
+    records = read_jsonl(path) if text is None else parse_jsonl(text.splitlines(), path)
     out = []
-    for line_number, record in read_jsonl(path):
+    for line_number, record in records:
         missing = [k for k in fields if k not in record]
         if missing:
             raise DataFormatError(path, line_number, f"rollout record misses keys {missing}")

@@ -22,7 +22,8 @@ METHODS = ("qsharp", "cd")  # guided policies of the evaluation sweep (pi_ref is
 # 1/eta), so a new list only adds (or leaves out) points, and the GRPO keys belong to the GRPO
 # job (which checks its own config under output_dir/grpo); every other key changes what was computed.
 EXTENDABLE = ("eval.inv_etas", "eval.methods")
-QSHARP_RESUME_FREE = EXTENDABLE + ("method", "grpo")
+PLACEMENT_KEYS = ("distributed",)  # where the processes meet (a multi-host rerun may get another port)
+QSHARP_RESUME_FREE = EXTENDABLE + PLACEMENT_KEYS + ("method", "grpo")
 JOB_METHODS = ("qsharp", "grpo")  # what the job trains: Algorithm 1's guide, or GRPO policies
 
 

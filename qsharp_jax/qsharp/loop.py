@@ -57,9 +57,14 @@ def _progress(desc: str):
     return lambda items: tqdm(items, desc=desc, leave=False, file=sys.stderr, disable=not multihost.is_main())
 
 
+# Multi-host: process 0 writes the job's record into its output directory (which may be its own
+# disk); whether a piece is saved and what it holds are process 0's, sent to every process.
+def _exists(path: str) -> bool:
+    return multihost.agree(os.path.exists(path))
+
+
 def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(multihost.read_text(path))
 
 
 def _write_json(path: str, value) -> None:
@@ -148,7 +153,9 @@ class QSharpRun:
         return -(-len(self.train_problems) // self.cfg.collect.problems_per_shard)
 
     def rollouts_saved(self, iteration: int) -> bool:
-        return all(os.path.exists(collect.rollouts_path(self.out, iteration, s)) for s in range(self.num_shards()))
+        return multihost.agree(
+            all(os.path.exists(collect.rollouts_path(self.out, iteration, s)) for s in range(self.num_shards()))
+        )
 
     def rollouts(self, iteration: int, guide) -> list[collect.Rollout]:
         """This iteration's rollouts: shards saved by an earlier run are read back, the others
@@ -159,8 +166,8 @@ class QSharpRun:
         rollouts, reused, t = [], 0, time.time()
         for shard in range(self.num_shards()):
             path = collect.rollouts_path(self.out, iteration, shard)
-            if os.path.exists(path):
-                part = collect.load_rollouts(path)
+            if _exists(path):
+                part = collect.load_rollouts(path, multihost.read_text(path))
                 reused += len(part)
             else:
                 sampler = sampler or self.sampler(guide if guided else None)
@@ -185,10 +192,9 @@ class QSharpRun:
                     problems_per_batch=s.problems_per_batch,
                     progress=_progress(f"collect {iteration} shard {shard + 1}/{self.num_shards()}"),
                 )
-                if multihost.owns(shard):  # multi-host: shards are written round-robin by process
+                if multihost.is_main():  # every process holds the shard's (gathered) rollouts
                     collect.save_rollouts(path, part)
             rollouts += part
-        multihost.sync(f"rollouts {iteration} saved")
         correct = sum(r.response_correct for r in rollouts) / max(len(rollouts), 1)
         mean_reward = sum(r.reward for r in rollouts) / max(len(rollouts), 1)
         _log(
@@ -276,7 +282,7 @@ class QSharpRun:
         samples. Every policy is sampled with the same key: common random numbers make the
         comparison less noisy."""
         path = self._eval_path(name)
-        if os.path.exists(path):
+        if _exists(path):
             _log(f"eval {name}: reusing {path}")
             return _read_json(path)
         e, s = self.cfg.eval, self.cfg.sampler
@@ -330,7 +336,7 @@ class QSharpRun:
         """Q# as a reward model (spec 6): the evaluation samples of ``name`` scored by ``guide``'s
         value of each response followed by EOS; best-of-n and value-weighted majority."""
         path = self._eval_path(f"{name}_rm")
-        if os.path.exists(path):
+        if _exists(path):
             return _read_json(path)
         saved = _read_json(os.path.join(self.out, "eval", f"{name}_samples.json"))
         eos = int(self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.stop_ids()[0])
@@ -365,9 +371,9 @@ class QSharpRun:
         (a resumed run whose later pieces are all saved reads it back only if the sweep needs it)."""
         cfg = self.cfg
         evaluated = cfg.eval.every_iteration or iteration == cfg.collect.iterations
-        if evaluated and not os.path.exists(self._eval_path(f"qsharp_iter{iteration}")):
+        if evaluated and not _exists(self._eval_path(f"qsharp_iter{iteration}")):
             return True
-        if not os.path.isdir(self.checkpoint_dir(iteration)):
+        if not multihost.agree(os.path.isdir(self.checkpoint_dir(iteration))):
             return True  # the sweep and the reward model read every guide back
         return iteration < cfg.collect.iterations and not self.rollouts_saved(iteration + 1)
 
@@ -392,7 +398,7 @@ class QSharpRun:
                     points[name] = results[f"qsharp_iter{last}"]  # same policy, key and problems
                     samples[name] = f"qsharp_iter{last}"
                     continue
-                guide = None if os.path.exists(self._eval_path(name)) else self.guide(iteration)
+                guide = None if _exists(self._eval_path(name)) else self.guide(iteration)
                 points[name] = self.evaluate(name, guide, guidance=method, inv_eta=float(inv_eta))
                 samples[name] = name
         return self.with_paired_differences(points, samples)
@@ -403,7 +409,7 @@ class QSharpRun:
         correct = {}
         for name in set(samples.values()):
             path = os.path.join(self.out, "eval", f"{name}_samples.json")
-            if os.path.exists(path):
+            if _exists(path):
                 correct[name] = _read_json(path)["correct"]
         out = {}
         for name, m in points.items():
@@ -427,7 +433,7 @@ class QSharpRun:
                 _log(f"iteration {iteration}: guide not needed (its evaluation and the next rollouts are saved)")
             if cfg.eval.every_iteration or iteration == cfg.collect.iterations:
                 name = f"qsharp_iter{iteration}"
-                saved = os.path.exists(self._eval_path(name))  # then no guide is needed to read it back
+                saved = _exists(self._eval_path(name))  # then no guide is needed to read it back
                 results[name] = self.evaluate(name, guide or (None if saved else self.guide(iteration)))
         summary: dict = {"policies": results}
         if cfg.eval.inv_etas and cfg.eval.methods:
@@ -452,7 +458,7 @@ class QSharpRun:
         calibration = {}
         for iteration in range(1, cfg.collect.iterations + 1):
             path = os.path.join(self.out, "eval", f"calibration_iter{iteration}.json")
-            if os.path.exists(path):
+            if _exists(path):
                 calibration[f"guide_iter{iteration}"] = _read_json(path)
         summary["calibration"] = calibration
         _write_json(os.path.join(self.out, "summary.json"), summary)
@@ -510,7 +516,10 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
     """Start jax.distributed if configured, validate, check the memory plan, save the effective
     config, run every iteration and the evaluation sweep; returns the summary (``policies``,
     ``sweep``, ``reward_model``, ``calibration``)."""
-    multihost.initialize_from_config(cfg)  # before any other JAX call
+    try:
+        multihost.initialize(cfg)  # before any other JAX call (a no-op if train.py started it)
+    except multihost.DistributedConfigError as e:
+        raise ConfigError(str(e)) from None
     validate_config(cfg, num_devices=jax.device_count())
     check_fits(cfg)
     cache_dir = enable_compilation_cache(cfg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from qsharp_jax.tasks.base import Problem
 from qsharp_jax.tasks.grading import last_boxed
@@ -39,16 +39,21 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path} does not exist (data.dir / the file name in the config?).")
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, line_number, f"bad JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataFormatError(path, line_number, f"expected a JSON object, got {type(record).__name__}")
-            yield line_number, record
+        yield from parse_jsonl(f, path)
+
+
+def parse_jsonl(lines: Iterable[str], path: str) -> Iterator[tuple[int, dict]]:
+    """:func:`read_jsonl` of lines already read (``path`` names them in errors)."""
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, line_number, f"bad JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataFormatError(path, line_number, f"expected a JSON object, got {type(record).__name__}")
+        yield line_number, record
 
 
 def final_answer(solution: str, answer_format: str = "auto") -> str:

@@ -22,7 +22,8 @@ import jax  # noqa: E402
 
 from qsharp_jax.core import multihost  # noqa: E402
 
-started = multihost.initialize("auto", f"localhost:{port}" if nproc > 1 else "", nproc, pid)
+address = f"localhost:{port}" if nproc > 1 else ""
+started = multihost.initialize(dict(coordinator_address=address, num_processes=nproc, process_id=pid))
 assert started == (nproc > 1) and jax.process_count() == nproc and jax.device_count() == 8
 
 import jax.numpy as jnp  # noqa: E402
@@ -103,6 +104,18 @@ if multihost.is_main():
         losses=np.asarray([h["loss"] for h in result.history]),
         **{"param" + k: v for k, v in flat.items()},
     )
+# process 0's resume decisions and files reach every process; a flag set on one process is seen by all
+own_file = os.path.join(out_dir, f"only_on_{pid}.txt")  # stands for a file on this host's own disk
+with open(own_file, "w") as f:
+    f.write(f"written by process {pid} \u00e9" * 300)  # > 1024 bytes, not ASCII
+helpers = dict(
+    agree=multihost.agree(pid == 0),
+    any=multihost.any_process(pid == nproc - 1),
+    none=multihost.any_process(False),
+    text=multihost.read_text(os.path.join(out_dir, "only_on_0.txt") if pid == 0 else "/nonexistent"),
+)
 with open(os.path.join(out_dir, f"process_{pid}.json"), "w") as f:
-    json.dump(dict(process=jax.process_index(), local_devices=jax.local_device_count(), steps=result.steps_run), f)
+    json.dump(
+        dict(process=jax.process_index(), local_devices=jax.local_device_count(), steps=result.steps_run, **helpers), f
+    )
 multihost.sync("worker done")

@@ -1,5 +1,6 @@
 """Multi-host slices run one process per host (launch/worker.sh --hosts N sets
-QSHARP_JAX_DISTRIBUTED=1). Emulated here with two CPU processes joined by jax.distributed:
+QSHARP_JAX_DISTRIBUTED=1, so multihost.initialize starts jax.distributed). Emulated here with two
+CPU processes joined that way, the coordinator and process ids from the JAX_* environment:
 the sampler gathers every host's batch rows, so each process gets the full results, equal
 to a one-process run on the same mesh shape; the learner trains across both processes and
 its Orbax checkpoint, written by both into one shared directory, reads back whole."""
@@ -23,8 +24,11 @@ import jax
 
 num_processes, process_id, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if num_processes > 1:
-    jax.distributed.initialize(os.environ["COORDINATOR"], num_processes=num_processes, process_id=process_id)
+from qsharp_jax.core import multihost
+
+# as on a slice: QSHARP_JAX_DISTRIBUTED=1 (launch/worker.sh) and the cluster from the environment
+os.environ.update(JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(process_id))
+assert multihost.initialize(None) == (num_processes > 1)
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -85,7 +89,8 @@ def start(tmp_path, num_processes, devices_per_process):
         os.environ,
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-        COORDINATOR=f"localhost:{free_port()}",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}",
+        QSHARP_JAX_DISTRIBUTED="1" if num_processes > 1 else "0",
         PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
         CKPT=str(tmp_path / f"ckpt_{num_processes}"),  # both processes of a run share it
     )
@@ -137,21 +142,3 @@ def test_sampler_and_learner_across_processes(tmp_path):
     # the checkpoint both processes wrote into one directory reads back whole and exact on both
     for r in two:
         np.testing.assert_array_equal(np.concatenate([np.asarray(r["restored"][k]) for k in keys]), flat["two"])
-
-
-def test_distributed_init_is_opt_in(monkeypatch):
-    import jax
-
-    from qsharp_jax.core import sharding
-
-    calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-    monkeypatch.delenv(sharding.DISTRIBUTED_ENV, raising=False)
-    assert sharding.maybe_initialize_distributed() is False and calls == []
-    monkeypatch.setenv(sharding.DISTRIBUTED_ENV, "0")
-    assert sharding.maybe_initialize_distributed() is False and calls == []
-    monkeypatch.setenv(sharding.DISTRIBUTED_ENV, "1")
-    assert sharding.maybe_initialize_distributed() is True and calls == [((), {})]  # TPU: auto-detected
-    monkeypatch.setenv(sharding.DISTRIBUTED_ENV, "yes")
-    with pytest.raises(ValueError, match="set it to 1"):
-        sharding.maybe_initialize_distributed()

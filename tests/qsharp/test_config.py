@@ -112,6 +112,9 @@ def test_effective_config_is_saved_and_guards_resumes(tmp_path):
     with open(path) as f:
         assert json.load(f)["sampler"]["top_p"] == 0.9
     loop.save_effective_config(cfg, str(tmp_path))  # same config: fine (a resume)
+    # a multi-host rerun may meet at another coordinator port: not a different run
+    moved = parse(f"--config.output_dir={tmp_path}", "--config.distributed.coordinator_address=localhost:1234")
+    loop.save_effective_config(moved, str(tmp_path))
     changed = parse(f"--config.output_dir={tmp_path}", "--config.sampler.top_p=0.5")
     with pytest.raises(loop.ConfigError, match=r"changed: sampler\.top_p"):
         loop.save_effective_config(changed, str(tmp_path))

@@ -10,62 +10,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from conftest import ROOT
+from conftest import ROOT, byte_chat_tokenizer, write_tiny_model
 
 CONFIG = os.path.join(ROOT, "configs", "gsm8k.py")
-
-
-def byte_chat_tokenizer(specials=("<pad>", "<|im_start|>", "<|im_end|>")):
-    """A byte-level tokenizer (259 ids) with a ChatML-style template, built in memory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = list(specials)
-    vocab = {s: i for i, s in enumerate(specials)}
-    vocab.update({c: i + len(specials) for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(specials)
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        bos_token="<|im_start|>",
-        chat_template=template,
-    )
-
-
-def write_tiny_model(out, tokenizer):
-    """A 1-layer random Llama over the tokenizer's vocabulary, converted with the tokenizer."""
-    from flax import nnx
-
-    from qsharp_jax.checkpoints import hf
-    from qsharp_jax.models import decoder as model
-    from qsharp_jax.models.config import ModelConfig
-
-    cfg = ModelConfig(
-        model_type="llama",
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=8,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_ids=(tokenizer.eos_token_id,),
-    )
-    _, params = nnx.split(model.build(cfg, seed=0))
-    hf.write_checkpoint(out, cfg, params, param_dtype=np.float32, tokenizer=tokenizer)
-    return out
 
 
 @pytest.fixture(scope="module")
