@@ -52,13 +52,15 @@ def _default(c: ml_collections.ConfigDict) -> None:
     c.learner.buckets = (192, 256)
     c.learner.log_every = 20
     c.learner.save_every = 100
-    # GRPO beside Q# (--config.method=grpo): 8 problems x 4 samples per batch. Each beta samples
-    # 8k response tokens (about 3-4 batches), a tenth of the Q# collection above (79.5k: roll-ins
-    # + roll-outs): what three full fine-tunings of the 135M policy fitted on the shared 2-core
-    # CPU of the measured run; token_budget -1 matches the Q# collection exactly.
+    # GRPO beside Q# (--config.method=grpo): 2 problems x 4 samples per batch, each beta until
+    # it has sampled 4k response tokens, a twentieth of the Q# collection above (79.5k: roll-ins
+    # + roll-outs). The measured run could afford no more: a full fine-tune of the 135M policy
+    # on batches of 32 rows peaked above 18 GB (killed by the 23 GB VM's OOM killer), and three
+    # betas at 8 rows per batch fit about an hour of the 2-core CPU. token_budget -1 matches the
+    # Q# collection exactly.
     c.grpo.betas = (0.0, 0.04, 0.4)
-    c.grpo.token_budget = 8_000
-    c.grpo.prompts_per_step = 8
+    c.grpo.token_budget = 4_000
+    c.grpo.prompts_per_step = 2
     c.grpo.group_size = 4
     c.grpo.lr = 2e-5
     c.grpo.save_every = 4

@@ -94,6 +94,7 @@ def grpo_defaults() -> ml_collections.ConfigDict:
     c.warmup_steps = 0
     c.weight_decay = 0.0
     c.clip = 1.0  # gradient global-norm clip (0 = off)
+    c.remat = True  # recompute each block's activations in the backward pass: memory for ~1/3 more compute
     c.seed = 7
     c.log_every = 1
     c.save_every = 5

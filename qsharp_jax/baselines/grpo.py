@@ -127,6 +127,7 @@ def train(
         temperature=float(c.temperature), clip_eps=float(c.clip_eps), beta=float(c.beta),
         aggregation=c.aggregation, max_response_tokens=max_new, response_window=max_new, on_policy=c.mu == 1,
     )  # fmt: skip
+    policy.remat = bool(c.remat)  # the backward pass of a full fine-tune holds every block's activations otherwise
     trainer = PolicyTrainer(
         policy, "grpo", lr=c.lr, total_steps=c.steps * c.mu, hparams=hparams, warmup_steps=c.warmup_steps,
         weight_decay=c.weight_decay, clip=c.clip, seed=c.seed,
