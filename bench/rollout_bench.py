@@ -43,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsharp_jax.checkpoints import loader
-from qsharp_jax.rollout.sampler import Sampler, row_keys
+from qsharp_jax.rollout.sampler import Sampler, refill_threshold, row_keys, rows_to_start
 from qsharp_jax.rollout.state import SamplerConfig
 from qsharp_jax.tasks import data
+from qsharp_jax.tasks.word_problems import WordProblems
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k", "test.jsonl")
 _COMPILE_EVENTS = (
@@ -137,23 +138,26 @@ def summarize(name, batch, wall, compile_s, lengths, steps):
     )
 
 
-def replay(lengths, batch: int, n: int, segment: int, max_new: int) -> dict:
+def replay(lengths, batch: int, n: int, segment: int, max_new: int, fraction: float = 0.125) -> dict:
     """Decode steps and slot utilisation of static vs continuous batching for given row
     lengths (rows in order, n per prompt), by replaying the sampler's schedules without a
     model: static = one call per ``batch`` rows, each until its longest row stops;
-    continuous = ``Sampler._continuous``'s refill rule (a segment ends after ``segment``
-    steps or once slots // 8 slots are free while rows are pending). A projection of the
-    utilisation only (it ignores prefill and per-step cost differences)."""
+    continuous = ``Sampler._continuous``'s refill rule (``refill_threshold`` and
+    ``rows_to_start``; a segment ends after ``segment`` steps or once enough slots are free).
+    A projection of the utilisation only (it ignores prefill and per-step cost differences)."""
     lengths = np.minimum(np.asarray(lengths), max_new)
-    static = sum(int(lengths[i : i + batch].max()) for i in range(0, len(lengths), batch))
+    total = len(lengths)
+    static = sum(int(lengths[i : i + batch].max()) for i in range(0, total, batch))
     left = np.zeros(batch, int)  # steps left per slot (0 = free)
-    pending, steps = 0, 0
-    while pending < len(lengths) or left.any():
+    pending, steps, refills = 0, 0, 0
+    while pending < total or left.any():
         free = np.flatnonzero(left == 0)
-        take = min(len(free), len(lengths) - pending)
-        left[free[:take]] = lengths[pending : pending + take]
-        pending += take
-        refill_at = max(1, batch // 8) if pending < len(lengths) else batch + 1
+        if pending < total and len(free) >= refill_threshold(batch, n, pending, total, fraction):
+            take = rows_to_start(len(free), n, pending, total)
+            left[free[:take]] = lengths[pending : pending + take]
+            pending += take
+            refills += 1
+        refill_at = refill_threshold(batch, n, pending, total, fraction)
         for _ in range(segment):
             if not left.any() or (batch - np.count_nonzero(left)) >= refill_at:
                 break
@@ -162,9 +166,10 @@ def replay(lengths, batch: int, n: int, segment: int, max_new: int) -> dict:
     useful = int(lengths.sum())
     return dict(
         batch=batch,
-        rows=len(lengths),
+        rows=total,
         static_steps=static,
         continuous_steps=steps,
+        refills=refills,
         static_utilisation=useful / (batch * static),
         continuous_utilisation=useful / (batch * steps),
         step_ratio=static / steps,
@@ -178,9 +183,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--segment", type=int, default=16)
+    ap.add_argument("--refill-fraction", type=float, default=0.125, help="SamplerConfig.refill_fraction")
     ap.add_argument("--prompt-bucket", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--hf", action="store_true", help="also run transformers generate")
+    ap.add_argument("--hf-batches", type=int, nargs="*", default=None, help="with --hf: only these batches")
     ap.add_argument("--hf-dir", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument(
@@ -196,7 +203,7 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         for batch in args.batches:
             rows = rng.choice(recorded, args.rows_per_slot * batch)
-            print(json.dumps(replay(rows, batch, args.n, args.segment, args.max_new)), flush=True)
+            print(json.dumps(replay(rows, batch, args.n, args.segment, args.max_new, args.refill_fraction)), flush=True)
         return 0
 
     info = {
@@ -216,6 +223,7 @@ def main(argv=None) -> int:
         stop.add(int(tok.eos_token_id))
     stop_ids, pad_id = tuple(sorted(stop)), int(tok.pad_token_id if tok.pad_token_id is not None else 0)
     problems = data.load_problems(DATA)
+    task = WordProblems("gsm8k", DATA, DATA)  # the chat prompts of the main job (spec 4.2)
     knobs = dict(temperature=0.8, top_p=0.9)
 
     hf_model = None
@@ -234,10 +242,13 @@ def main(argv=None) -> int:
     results = {"info": info, "stop_ids": stop_ids, "runs": []}
     for batch in args.batches:
         n_prompts = args.rows_per_slot * batch // args.n
-        prompts = data.encode_prompts(tok, problems[:n_prompts])
+        prompts = task.encode_prompts(tok, problems[:n_prompts])
         base = dict(max_new_tokens=args.max_new, stop_ids=stop_ids, pad_id=pad_id, prompt_bucket=args.prompt_bucket)
         static = Sampler(ref, config=SamplerConfig(**base, slots=0, batch_bucket=batch // args.n))
-        cont = Sampler(ref, config=SamplerConfig(**base, slots=batch, segment=args.segment))
+        cont = Sampler(
+            ref,
+            config=SamplerConfig(**base, slots=batch, segment=args.segment, refill_fraction=args.refill_fraction),
+        )
         print(
             f"batch {batch}: {len(prompts)} prompts x {args.n} samples, prompt tokens "
             f"{min(map(len, prompts))}-{max(map(len, prompts))}",
@@ -251,8 +262,9 @@ def main(argv=None) -> int:
             w, c, lengths_c, steps = run_ours(cont, prompts, args.n, None, knobs, key)
             rows.append(summarize("continuous", batch, w, c, lengths_c, steps))
             rows[-1]["refills"] = cont.last_stats["refills"]
+            rows[-1]["prefills"] = cont.last_stats["prefills"]
             rows[-1]["same_lengths_as_static"] = bool(np.array_equal(lengths_s, lengths_c))
-            if hf_model is not None:
+            if hf_model is not None and (args.hf_batches is None or batch in args.hf_batches):
                 w, lengths_h, steps = run_hf(hf_model, prompts, args.n, batch, stop_ids, pad_id, args.max_new, rep)
                 rows.append(summarize("transformers", batch, w, 0.0, lengths_h, steps))
             for r in rows:
