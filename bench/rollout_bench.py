@@ -142,7 +142,7 @@ def summarize(name, batch, wall, cpu, compile_s, lengths, steps):
     )
 
 
-def replay(lengths, batch: int, n: int, segment: int, max_new: int, fraction: float = 0.125) -> dict:
+def replay(lengths, batch: int, n: int, segment: int, max_new: int, fraction: float = 0.25) -> dict:
     """Decode steps and slot utilisation of static vs continuous batching for given row
     lengths (rows in order, n per prompt), by replaying the sampler's schedules without a
     model: static = one call per ``batch`` rows, each until its longest row stops;
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--segment", type=int, default=16)
-    ap.add_argument("--refill-fraction", type=float, default=0.125, help="SamplerConfig.refill_fraction")
+    ap.add_argument("--refill-fraction", type=float, default=0.25, help="SamplerConfig.refill_fraction")
     ap.add_argument("--prompt-bucket", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--hf", action="store_true", help="also run transformers generate")

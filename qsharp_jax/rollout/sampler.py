@@ -294,9 +294,10 @@ class Sampler:
         out_f = [np.zeros((total, width), np.float32) for _ in range(3)]
         lengths = np.zeros((total,), np.int32)
         slot_row = np.full((slots,), -1)  # row decoding in each slot, -1 when free
-        # prompts per prefill program: one shape per length bucket; a typical refill of
-        # fraction x slots rows (a prompt split at each end) fits in one, larger ones loop
-        group_size = _pow2_at_least(-(-math.ceil(cfg.refill_fraction * slots) // n) + 1)
+        # prompts per prefill program (one shape per length bucket): the whole prompts a
+        # refill at the threshold starts; larger refills loop, so no prefill row is padding
+        # unless a refill starts fewer prompts (a prompt prefill costs ~3 decode steps here)
+        group_size = _pow2_at_least(-(-math.ceil(cfg.refill_fraction * slots) // n))
         pending = 0  # rows are started in order
         steps = refills = prefills = 0
         start = time.perf_counter()

@@ -35,7 +35,7 @@ class SamplerConfig:
     # A refill starts once at least this fraction of the slots is free (or every pending row
     # fits): fewer, larger refills. It starts whole prompts (all n samples, one prefill) when
     # at least n slots are free, so fraction x slots >= n prefills each prompt once. In (0, 1].
-    refill_fraction: float = 0.125
+    refill_fraction: float = 0.25
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_KINDS:
