@@ -43,9 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsharp_jax.checkpoints import loader
-from qsharp_jax.rollout.sampler import Sampler, row_keys
+from qsharp_jax.rollout.sampler import Sampler, refill_threshold, row_keys, rows_to_start
 from qsharp_jax.rollout.state import SamplerConfig
 from qsharp_jax.tasks import data
+from qsharp_jax.tasks.word_problems import WordProblems
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "gsm8k", "test.jsonl")
 _COMPILE_EVENTS = (
@@ -66,7 +67,7 @@ jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 def run_ours(sampler, prompts, n, chunk_prompts, knobs, key):
     """(wall s, compile s, lengths, decode steps); chunk_prompts=None: one call for all."""
-    compile0, t = _compile_seconds[0], time.perf_counter()
+    compile0, t, cpu = _compile_seconds[0], time.perf_counter(), time.process_time()
     lengths, steps = [], 0
     chunks = (
         [prompts]
@@ -80,8 +81,8 @@ def run_ours(sampler, prompts, n, chunk_prompts, knobs, key):
         out = sampler.generate(chunk, key=key, n=n, keys=keys, **knobs)
         lengths.append(out.lengths)
         steps += sampler.last_stats["steps"]
-    wall = time.perf_counter() - t
-    return wall, _compile_seconds[0] - compile0, np.concatenate(lengths), steps
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    return wall, cpu, _compile_seconds[0] - compile0, np.concatenate(lengths), steps
 
 
 def run_hf(model, prompts, n, batch, stop_ids, pad_id, max_new, seed):
@@ -90,7 +91,7 @@ def run_hf(model, prompts, n, batch, stop_ids, pad_id, max_new, seed):
 
     torch.manual_seed(seed)
     per = batch // n
-    lengths, steps, t = [], 0, time.perf_counter()
+    lengths, steps, t, cpu = [], 0, time.perf_counter(), time.process_time()
     for i in range(0, len(prompts), per):
         chunk = prompts[i : i + per]
         width = max(len(p) for p in chunk)
@@ -117,43 +118,50 @@ def run_hf(model, prompts, n, batch, stop_ids, pad_id, max_new, seed):
         for row in gen:
             hit = np.flatnonzero(np.isin(row, stop_ids))
             lengths.append(int(hit[0]) + 1 if len(hit) else len(row))
-    return time.perf_counter() - t, np.asarray(lengths), steps
+    return time.perf_counter() - t, time.process_time() - cpu, np.asarray(lengths), steps
 
 
-def summarize(name, batch, wall, compile_s, lengths, steps):
+def summarize(name, batch, wall, cpu, compile_s, lengths, steps):
     useful = int(lengths.sum())
     run = wall - compile_s
     return dict(
         method=name,
         batch=batch,
         wall_s=wall,
+        cpu_s=cpu,
         compile_s=compile_s,
         run_s=run,
         useful_tokens=useful,
         decode_steps=steps,
         useful_tok_per_s=useful / run,
+        # per CPU-second of this process (less sensitive to other jobs on the machine); the
+        # compile time subtracted is wall time, so this slightly favours the method that compiles more
+        useful_tok_per_cpu_s=useful / max(cpu - compile_s, 1e-9),
         utilisation=useful / (batch * steps),
         lengths=lengths.tolist(),
     )
 
 
-def replay(lengths, batch: int, n: int, segment: int, max_new: int) -> dict:
+def replay(lengths, batch: int, n: int, segment: int, max_new: int, fraction: float = 0.25) -> dict:
     """Decode steps and slot utilisation of static vs continuous batching for given row
     lengths (rows in order, n per prompt), by replaying the sampler's schedules without a
     model: static = one call per ``batch`` rows, each until its longest row stops;
-    continuous = ``Sampler._continuous``'s refill rule (a segment ends after ``segment``
-    steps or once slots // 8 slots are free while rows are pending). A projection of the
-    utilisation only (it ignores prefill and per-step cost differences)."""
+    continuous = ``Sampler._continuous``'s refill rule (``refill_threshold`` and
+    ``rows_to_start``; a segment ends after ``segment`` steps or once enough slots are free).
+    A projection of the utilisation only (it ignores prefill and per-step cost differences)."""
     lengths = np.minimum(np.asarray(lengths), max_new)
-    static = sum(int(lengths[i : i + batch].max()) for i in range(0, len(lengths), batch))
+    total = len(lengths)
+    static = sum(int(lengths[i : i + batch].max()) for i in range(0, total, batch))
     left = np.zeros(batch, int)  # steps left per slot (0 = free)
-    pending, steps = 0, 0
-    while pending < len(lengths) or left.any():
+    pending, steps, refills = 0, 0, 0
+    while pending < total or left.any():
         free = np.flatnonzero(left == 0)
-        take = min(len(free), len(lengths) - pending)
-        left[free[:take]] = lengths[pending : pending + take]
-        pending += take
-        refill_at = max(1, batch // 8) if pending < len(lengths) else batch + 1
+        if pending < total and len(free) >= refill_threshold(batch, n, pending, total, fraction):
+            take = rows_to_start(len(free), n, pending, total)
+            left[free[:take]] = lengths[pending : pending + take]
+            pending += take
+            refills += 1
+        refill_at = refill_threshold(batch, n, pending, total, fraction)
         for _ in range(segment):
             if not left.any() or (batch - np.count_nonzero(left)) >= refill_at:
                 break
@@ -162,9 +170,10 @@ def replay(lengths, batch: int, n: int, segment: int, max_new: int) -> dict:
     useful = int(lengths.sum())
     return dict(
         batch=batch,
-        rows=len(lengths),
+        rows=total,
         static_steps=static,
         continuous_steps=steps,
+        refills=refills,
         static_utilisation=useful / (batch * static),
         continuous_utilisation=useful / (batch * steps),
         step_ratio=static / steps,
@@ -174,13 +183,17 @@ def replay(lengths, batch: int, n: int, segment: int, max_new: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--rows-per-slot", type=int, default=4, help="workload = this x batch rows")
+    ap.add_argument(
+        "--rows-per-slot", type=int, nargs="+", default=[4], help="workload = this x batch rows (one per batch, or one)"
+    )
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-new", type=int, default=512)
     ap.add_argument("--segment", type=int, default=16)
+    ap.add_argument("--refill-fraction", type=float, default=0.25, help="SamplerConfig.refill_fraction")
     ap.add_argument("--prompt-bucket", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--hf", action="store_true", help="also run transformers generate")
+    ap.add_argument("--hf-batches", type=int, nargs="*", default=None, help="with --hf: only these batches")
     ap.add_argument("--hf-dir", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument(
@@ -194,9 +207,9 @@ def main(argv=None) -> int:
         with open(args.replay) as f:
             recorded = np.concatenate([r["lengths"] for r in json.load(f)["runs"] if r["method"] == "continuous"])
         rng = np.random.default_rng(0)
-        for batch in args.batches:
-            rows = rng.choice(recorded, args.rows_per_slot * batch)
-            print(json.dumps(replay(rows, batch, args.n, args.segment, args.max_new)), flush=True)
+        for batch, per in zip(args.batches, args.rows_per_slot * len(args.batches)):
+            rows = rng.choice(recorded, per * batch)
+            print(json.dumps(replay(rows, batch, args.n, args.segment, args.max_new, args.refill_fraction)), flush=True)
         return 0
 
     info = {
@@ -216,6 +229,7 @@ def main(argv=None) -> int:
         stop.add(int(tok.eos_token_id))
     stop_ids, pad_id = tuple(sorted(stop)), int(tok.pad_token_id if tok.pad_token_id is not None else 0)
     problems = data.load_problems(DATA)
+    task = WordProblems("gsm8k", DATA, DATA)  # the chat prompts of the main job (spec 4.2)
     knobs = dict(temperature=0.8, top_p=0.9)
 
     hf_model = None
@@ -232,12 +246,20 @@ def main(argv=None) -> int:
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
 
     results = {"info": info, "stop_ids": stop_ids, "runs": []}
+    per_slot = dict(
+        zip(
+            args.batches, args.rows_per_slot * len(args.batches) if len(args.rows_per_slot) == 1 else args.rows_per_slot
+        )
+    )
     for batch in args.batches:
-        n_prompts = args.rows_per_slot * batch // args.n
-        prompts = data.encode_prompts(tok, problems[:n_prompts])
+        n_prompts = per_slot[batch] * batch // args.n
+        prompts = task.encode_prompts(tok, problems[:n_prompts])
         base = dict(max_new_tokens=args.max_new, stop_ids=stop_ids, pad_id=pad_id, prompt_bucket=args.prompt_bucket)
         static = Sampler(ref, config=SamplerConfig(**base, slots=0, batch_bucket=batch // args.n))
-        cont = Sampler(ref, config=SamplerConfig(**base, slots=batch, segment=args.segment))
+        cont = Sampler(
+            ref,
+            config=SamplerConfig(**base, slots=batch, segment=args.segment, refill_fraction=args.refill_fraction),
+        )
         print(
             f"batch {batch}: {len(prompts)} prompts x {args.n} samples, prompt tokens "
             f"{min(map(len, prompts))}-{max(map(len, prompts))}",
@@ -246,21 +268,25 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             key = jax.random.key(1000 + rep)
             rows = []
-            w, c, lengths_s, steps = run_ours(static, prompts, args.n, batch // args.n, knobs, key)
-            rows.append(summarize("static", batch, w, c, lengths_s, steps))
-            w, c, lengths_c, steps = run_ours(cont, prompts, args.n, None, knobs, key)
-            rows.append(summarize("continuous", batch, w, c, lengths_c, steps))
+            w, cpu, c, lengths_s, steps = run_ours(static, prompts, args.n, batch // args.n, knobs, key)
+            rows.append(summarize("static", batch, w, cpu, c, lengths_s, steps))
+            print(f"  static done: {w:.0f} s wall, {cpu:.0f} s CPU, {c:.0f} s compile", flush=True)
+            w, cpu, c, lengths_c, steps = run_ours(cont, prompts, args.n, None, knobs, key)
+            rows.append(summarize("continuous", batch, w, cpu, c, lengths_c, steps))
+            print(f"  continuous done: {w:.0f} s wall, {cpu:.0f} s CPU, {c:.0f} s compile", flush=True)
             rows[-1]["refills"] = cont.last_stats["refills"]
+            rows[-1]["prefills"] = cont.last_stats["prefills"]
             rows[-1]["same_lengths_as_static"] = bool(np.array_equal(lengths_s, lengths_c))
-            if hf_model is not None:
-                w, lengths_h, steps = run_hf(hf_model, prompts, args.n, batch, stop_ids, pad_id, args.max_new, rep)
-                rows.append(summarize("transformers", batch, w, 0.0, lengths_h, steps))
+            if hf_model is not None and (args.hf_batches is None or batch in args.hf_batches):
+                w, cpu, lengths_h, steps = run_hf(hf_model, prompts, args.n, batch, stop_ids, pad_id, args.max_new, rep)
+                rows.append(summarize("transformers", batch, w, cpu, 0.0, lengths_h, steps))
             for r in rows:
                 r["repeat"] = rep
                 r["load_average"] = os.getloadavg()
                 print(
                     f"  [{rep}] {r['method']:12s} B={batch:3d} useful {r['useful_tokens']:6d} tok in "
                     f"{r['run_s']:7.1f}s (+{r['compile_s']:.1f}s compile): {r['useful_tok_per_s']:6.1f} tok/s, "
+                    f"{r['useful_tok_per_cpu_s']:6.1f} tok/CPU-s, "
                     f"utilisation {r['utilisation']:.2f}, steps {r['decode_steps']}, load {r['load_average'][0]:.1f}",
                     flush=True,
                 )
@@ -272,10 +298,12 @@ def main(argv=None) -> int:
             got = [r for r in results["runs"] if r["batch"] == batch and r["method"] == method]
             if got:
                 med = statistics.median(r["useful_tok_per_s"] for r in got)
+                med_cpu = statistics.median(r["useful_tok_per_cpu_s"] for r in got)
                 util = statistics.median(r["utilisation"] for r in got)
                 lens = np.concatenate([r["lengths"] for r in got])
                 print(
-                    f"  median {method:12s} B={batch}: {med:6.1f} tok/s, utilisation {util:.2f}; lengths mean "
+                    f"  median {method:12s} B={batch}: {med:6.1f} tok/s, {med_cpu:6.1f} tok/CPU-s, "
+                    f"utilisation {util:.2f}; lengths mean "
                     f"{lens.mean():.0f}, p50 {np.median(lens):.0f}, p90 {np.percentile(lens, 90):.0f}, "
                     f"at cap {np.mean(lens >= args.max_new):.2f}",
                     flush=True,

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from qsharp_jax.guidance.batching import Example
+from qsharp_jax.rollout.batched import generate_chunks
 from qsharp_jax.tasks.data import DataFormatError, parse_jsonl, read_jsonl
 from qsharp_jax.tasks.grading import Grader
 
@@ -96,17 +97,19 @@ def collect_iteration(
     rng = np.random.default_rng([seed, iteration, shard])
     roll_key, cont_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, iteration), shard))
     full: list[list] = [[] for _ in prompts]
-    chunks = list(range(0, len(prompts), problems_per_batch))
-    for chunk_index, start in enumerate(progress(chunks) if progress else chunks):
-        batch = sampler.generate(
-            [list(p) for p in prompts[start : start + problems_per_batch]],
-            key=jax.random.fold_in(roll_key, chunk_index),
-            n=num_samples,
-            temperature=temperature,
-            top_p=top_p,
-            inv_eta=inv_eta,
-            guided=guided,
-        )
+    # a continuous-batching sampler gets the whole shard in one call (same rows as per chunk)
+    for start, batch in generate_chunks(
+        sampler,
+        prompts,
+        key=roll_key,
+        n=num_samples,
+        chunk=problems_per_batch,
+        progress=progress,
+        temperature=temperature,
+        top_p=top_p,
+        inv_eta=inv_eta,
+        guided=guided,
+    ):
         for p, ids, text in _rows(batch, tokenizer):
             full[start + p].append((ids, text))
 
@@ -122,21 +125,21 @@ def collect_iteration(
     queued = [i for i, plan in enumerate(plans) if plan[5]]
     continuations: dict[int, tuple[list[int], str]] = {}
     rows_per_batch = max(1, problems_per_batch * num_samples)
-    cont_chunks = list(range(0, len(queued), rows_per_batch))
-    for chunk_index, start in enumerate(progress(cont_chunks) if progress else cont_chunks):
-        members = queued[start : start + rows_per_batch]
-        cont_prompts = [list(prompts[plans[i][0]]) + plans[i][2][: plans[i][4] + 1] for i in members]
-        batch = sampler.generate(
-            cont_prompts,
-            key=jax.random.fold_in(cont_key, chunk_index),
-            n=1,
-            temperature=temperature,
-            top_p=top_p,
-            inv_eta=0.0,
-            guided=False,
-        )
+    cont_prompts = [list(prompts[plans[i][0]]) + plans[i][2][: plans[i][4] + 1] for i in queued]
+    for start, batch in generate_chunks(
+        sampler,
+        cont_prompts,
+        key=cont_key,
+        n=1,
+        chunk=rows_per_batch,
+        progress=progress,
+        temperature=temperature,
+        top_p=top_p,
+        inv_eta=0.0,
+        guided=False,
+    ):
         for row, ids, _ in _rows(batch, tokenizer):
-            continuations[members[row]] = ids
+            continuations[queued[start + row]] = ids
 
     rollouts = []
     for i, (p, s, ids, correct, cut, continued) in enumerate(plans):

@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 
+from qsharp_jax.rollout.batched import generate_chunks
 from qsharp_jax.tasks import grading
 from qsharp_jax.tasks.base import Problem, Task
 from qsharp_jax.tasks.grading import Grader
@@ -227,18 +227,19 @@ def sample_and_grade(
     """Draw ``n`` responses per prompt with ``sampler`` and grade them against ``golds``."""
     num = len(prompts)
     graded = Graded(*([[] for _ in range(num)] for _ in range(6)))
-    chunks = range(0, num, problems_per_batch)
-    for chunk_index, start in enumerate(progress(chunks) if progress else chunks):
-        chunk = list(prompts[start : start + problems_per_batch])
-        batch = sampler.generate(
-            chunk,
-            key=jax.random.fold_in(key, chunk_index),
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            inv_eta=inv_eta,
-            guided=guided,
-        )
+    # a continuous-batching sampler gets every prompt in one call (same rows as per chunk)
+    for start, batch in generate_chunks(
+        sampler,
+        prompts,
+        key=key,
+        n=n,
+        chunk=problems_per_batch,
+        progress=progress,
+        temperature=temperature,
+        top_p=top_p,
+        inv_eta=inv_eta,
+        guided=guided,
+    ):
         texts = response_texts(batch, tokenizer)
         for row, text in enumerate(texts):
             p = start + int(batch.prompt_index[row])

@@ -10,8 +10,8 @@ cache mask (reset for the whole slot on insertion) and explicit position ids, so
 row sits in the buffer does not change what it computes.
 
 Three jitted programs, each compiled once per shape class: ``init_slots`` (per slot
-count and C), ``refill`` (per prefill bucket: number of distinct prompts rounded up to a
-power of two, and prompt-length bucket) and ``segment`` (per slot count and C; the number
+count and C), ``refill`` (per prefill shape: the sampler's fixed number of prompts per
+prefill, and prompt-length bucket) and ``segment`` (per slot count and C; the number
 of steps is traced). Each row samples with its own key (see ``engine.decode_step``), so
 its result does not depend on which slot it got or when.
 """

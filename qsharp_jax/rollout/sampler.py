@@ -4,6 +4,7 @@ and runs the engine's jitted prefill and decode; returns numpy results."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 
@@ -53,6 +54,28 @@ def row_keys(key, n_prompts: int, n: int) -> np.ndarray:
     p = np.repeat(np.arange(n_prompts, dtype=np.int32), n)
     j = np.tile(np.arange(n, dtype=np.int32), n_prompts)
     return np.asarray(_derive_row_keys(raw_key(key), p, j))
+
+
+def refill_threshold(slots: int, n: int, pending: int, total: int, fraction: float) -> int:
+    """Free slots at which continuous batching starts a refill (rows are started in order,
+    ``pending`` of ``total`` started): ``fraction`` of the slots (rounded up, at least one),
+    but no more than the rows left; ``slots + 1`` (never) when nothing is pending. ``n`` is
+    unused here: a refill may split a prompt's samples when fewer than n slots are free
+    (its rest is prefilled again by the next refill, about one decode step's work), which
+    measured cheaper than keeping slots idle until n are free."""
+    del n
+    if pending >= total:
+        return slots + 1
+    return min(max(math.ceil(fraction * slots), 1), total - pending)
+
+
+def rows_to_start(free: int, n: int, pending: int, total: int) -> int:
+    """How many pending rows a refill with ``free`` free slots starts: as many as fit, cut
+    back to the end of a prompt (a prompt's samples start together) unless that leaves none
+    or every pending row fits."""
+    take = min(free, total - pending)
+    whole = (pending + take) // n * n - pending
+    return whole if pending + take < total and whole > 0 else take
 
 
 class Sampler:
@@ -225,9 +248,38 @@ class Sampler:
             out_tokens, lengths, logp_policy, logp_ref, kl_token, num_prompts=len(prompts), n=n, steps=steps
         )
 
+    def _refill(self, state, models, prompts, rows, dst, keys, n, group_size):
+        """Start ``rows`` (of at most ``group_size`` distinct prompts) in slots ``dst``: one
+        prefill of the distinct prompts ([group_size, length bucket]), caches copied per row."""
+        slots, (guide_graph, guide_state) = state.live.shape[0], models
+        uniq, src = np.unique(rows // n, return_inverse=True)
+        group = [prompts[p] for p in uniq]
+        group += [group[0]] * (group_size - len(group))
+        tokens, mask = self._left_pad(group, _round_up(max(len(p) for p in group), self.config.prompt_bucket))
+        src_all = np.zeros((slots,), np.int32)
+        dst_all = np.full((slots,), slots, np.int32)  # out of range: dropped
+        keys_all = np.zeros((slots, 2), np.uint32)
+        src_all[: len(rows)], dst_all[: len(rows)], keys_all[: len(rows)] = src, dst, keys[rows]
+        return refill_jit(
+            self.ref_graph,
+            guide_graph,
+            self.ref_state,
+            guide_state,
+            state,
+            jnp.asarray(tokens),
+            jnp.asarray(mask),
+            jnp.asarray(src_all),
+            jnp.asarray(dst_all),
+            jnp.asarray(keys_all),
+            np.int32(self.config.pad_id),
+        )
+
     def _continuous(self, prompts, n, keys, knobs, spec, stop_ids) -> RolloutBatch:
-        """Fixed decode slots; between segments, slots whose row stopped get pending rows
-        (prefilled in one bucketed batch of their distinct prompts)."""
+        """Fixed decode slots; between segments, once enough slots are free (see
+        :func:`refill_threshold`), pending rows start in them, whole prompts at a time when
+        at least n slots are free (:func:`rows_to_start`): a refill prefills each of its
+        distinct prompts once (in prefill programs of ``group_size`` prompts) and copies its
+        caches into the slots of all its samples."""
         cfg = self.config
         total = len(prompts) * n
         shards = self._batch_shards()
@@ -236,14 +288,18 @@ class Sampler:
             check_model_fits(self.ref_cfg, self.mesh, self.ref_rules, batch=slots, name="reference")
         prompt_len = _round_up(max(len(p) for p in prompts), cfg.prompt_bucket)
         cache_len = prompt_len - 1 + cfg.max_new_tokens
-        guide_graph, guide_state = self._models(spec.guided)
+        models = guide_graph, guide_state = self._models(spec.guided)
         width, pad = cfg.max_new_tokens, np.int32(cfg.pad_id)
         out_tokens = np.full((total, width), cfg.pad_id, np.int32)
         out_f = [np.zeros((total, width), np.float32) for _ in range(3)]
         lengths = np.zeros((total,), np.int32)
         slot_row = np.full((slots,), -1)  # row decoding in each slot, -1 when free
+        # prompts per prefill program (one shape per length bucket): the whole prompts a
+        # refill at the threshold starts; larger refills loop, so no prefill row is padding
+        # unless a refill starts fewer prompts (a prompt prefill costs ~3 decode steps here)
+        group_size = _pow2_at_least(-(-math.ceil(cfg.refill_fraction * slots) // n))
         pending = 0  # rows are started in order
-        steps = refills = 0
+        steps = refills = prefills = 0
         start = time.perf_counter()
         with self._mesh_context():
             state = init_slots_jit(
@@ -251,35 +307,17 @@ class Sampler:
             )
             while pending < total or (slot_row >= 0).any():
                 free = np.flatnonzero(slot_row < 0)
-                if pending < total and len(free):
-                    take = min(len(free), total - pending)
+                if pending < total and len(free) >= refill_threshold(slots, n, pending, total, cfg.refill_fraction):
+                    take = rows_to_start(len(free), n, pending, total)
                     rows = np.arange(pending, pending + take)
-                    uniq, src = np.unique(rows // n, return_inverse=True)
-                    group = [prompts[p] for p in uniq]
-                    group += [group[0]] * (_pow2_at_least(len(group)) - len(group))
-                    tokens, mask = self._left_pad(group, _round_up(max(len(p) for p in group), cfg.prompt_bucket))
-                    src_all = np.zeros((slots,), np.int32)
-                    dst_all = np.full((slots,), slots, np.int32)  # out of range: dropped
-                    keys_all = np.zeros((slots, 2), np.uint32)
-                    src_all[:take], dst_all[:take], keys_all[:take] = src, free[:take], keys[rows]
-                    state = refill_jit(
-                        self.ref_graph,
-                        guide_graph,
-                        self.ref_state,
-                        guide_state,
-                        state,
-                        jnp.asarray(tokens),
-                        jnp.asarray(mask),
-                        jnp.asarray(src_all),
-                        jnp.asarray(dst_all),
-                        jnp.asarray(keys_all),
-                        pad,
-                    )
+                    for part in np.split(rows, np.flatnonzero(np.diff((rows // n - rows[0] // n) // group_size)) + 1):
+                        state = self._refill(state, models, prompts, part, free[part - pending], keys, n, group_size)
+                        prefills += len(np.unique(part // n))
                     slot_row[free[:take]] = rows
                     pending += take
                     refills += 1
-                # end a segment early once enough slots are free to be worth a refill
-                refill_at = max(1, slots // 8) if pending < total else slots + 1
+                # the segment ends early once enough slots are free for the next refill
+                refill_at = refill_threshold(slots, n, pending, total, cfg.refill_fraction)
                 state, ran = segment_jit(
                     self.ref_graph,
                     guide_graph,
@@ -310,6 +348,7 @@ class Sampler:
             steps=steps,
             slots=slots,
             refills=refills,
+            prefills=prefills,
             useful_tokens=int(lengths.sum()),
             utilisation=lengths.sum() / (slots * max(steps, 1)),
         )

@@ -29,9 +29,13 @@ class SamplerConfig:
     batch_bucket: int = 1  # padded prompt count = a multiple of this (static engine)
     # Continuous batching: > 0 decodes in this many fixed slots (fewer when a call has fewer
     # rows: the next power of two), refilling slots freed by stopped rows with pending
-    # prompts between segments of ``segment`` decode steps; 0 = one static batch per call.
+    # prompts between segments of at most ``segment`` decode steps; 0 = one static batch per call.
     slots: int = 64
     segment: int = 16
+    # A refill starts once at least this fraction of the slots is free (or every pending row
+    # fits): fewer, larger refills. It starts whole prompts (all n samples, one prefill) when
+    # at least n slots are free, so fraction x slots >= n prefills each prompt once. In (0, 1].
+    refill_fraction: float = 0.25
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_KINDS:
@@ -40,6 +44,8 @@ class SamplerConfig:
             raise ValueError(f"max_new_tokens, k, prompt_bucket and batch_bucket must be >= 1: {self}")
         if self.slots < 0 or self.segment < 1:
             raise ValueError(f"slots must be >= 0 and segment >= 1: {self}")
+        if not 0.0 < self.refill_fraction <= 1.0:
+            raise ValueError(f"refill_fraction must be in (0, 1]: {self}")
         object.__setattr__(self, "stop_ids", tuple(int(s) for s in self.stop_ids))
 
 

@@ -164,3 +164,35 @@ def test_save_and_load_round_trip(tmp_path):
         f.write('{"question": "c"}\n')
     with pytest.raises(ValueError, match=r"iteration_1/shard_00000\.jsonl:3: rollout record misses keys"):
         collect.load_rollouts(path)
+
+
+def test_a_continuous_sampler_collects_the_shard_in_one_call_with_the_chunked_rows():
+    """The same rollouts as chunk by chunk with the static engine (same per-row keys), from one
+    roll-in call and one continuation call for the whole shard."""
+    from qsharp_jax.models import decoder as M
+    from qsharp_jax.models.config import ModelConfig
+    from qsharp_jax.rollout.sampler import Sampler
+    from qsharp_jax.rollout.state import SamplerConfig
+
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=8,
+    )  # fmt: skip
+    ref = M.build(cfg, seed=0)
+    prompts = [[1, 2], [1, 2, 7], [2], [1, 7, 7, 2], [2, 2, 1]]
+    args = dict(iteration=1, num_samples=3, key=jax.random.key(4), guided=False, inv_eta=0.0, problems_per_batch=2)
+    texts = (list("abcde"), ["7"] * 5)
+
+    def run(slots):
+        conf = SamplerConfig(max_new_tokens=6, stop_ids=(EOS,), prompt_bucket=4, slots=slots, segment=2)
+        sampler = Sampler(ref, config=conf)
+        calls = []
+        generate = sampler.generate
+        sampler.generate = lambda prompts, **kw: calls.append(len(prompts)) or generate(prompts, **kw)
+        return collect.collect_iteration(sampler, Tok(), prompts, *texts, **args), calls
+
+    static, static_calls = run(0)
+    cont, cont_calls = run(4)
+    assert static_calls[:3] == [2, 2, 1] and len(cont_calls) == 2 and cont_calls[0] == 5
+    assert len({len(r.response_ids) for r in cont}) > 1 and any(r.continuation_ids for r in cont)
+    assert cont == static

@@ -21,7 +21,8 @@ from qsharp_jax.guidance import model as G
 from qsharp_jax.models import decoder as M
 from qsharp_jax.models.config import ModelConfig
 from qsharp_jax.rollout import continuous
-from qsharp_jax.rollout.sampler import Sampler, row_keys
+from qsharp_jax.rollout.batched import generate_chunks
+from qsharp_jax.rollout.sampler import Sampler, refill_threshold, row_keys, rows_to_start
 from qsharp_jax.rollout.state import SamplerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,6 +100,55 @@ def test_refilling_slots_never_recompiles(models):
     sampler.generate(PROMPTS[::-1], key=jax.random.key(2), n=N, greedy=True, inv_eta=1.0)
     assert sampler.last_stats["refills"] > 1
     assert [j._cache_size() for j in jits] == sizes
+
+
+def test_refill_rule_starts_whole_prompts_once_enough_slots_are_free():
+    # 16 slots, a quarter of the slots: a refill once 4 slots are free
+    assert refill_threshold(16, 4, pending=0, total=40, fraction=0.25) == 4
+    assert refill_threshold(16, 4, pending=8, total=40, fraction=0.5) == 8
+    assert refill_threshold(16, 4, pending=36, total=40, fraction=0.5) == 4  # only 4 rows left
+    assert refill_threshold(16, 4, pending=40, total=40, fraction=0.5) == 17  # nothing pending
+    assert refill_threshold(16, 4, pending=0, total=40, fraction=0.01) == 1
+    assert rows_to_start(7, 4, pending=0, total=40) == 4  # cut back to whole prompts
+    assert rows_to_start(7, 4, pending=36, total=40) == 4
+    assert rows_to_start(3, 4, pending=0, total=40) == 3  # n > free: a prompt is split
+    assert rows_to_start(3, 4, pending=3, total=40) == 1  # ... and its rest starts next
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="refill_fraction"):
+            config(slots=4, refill_fraction=bad)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])  # fraction x 4 slots >= N samples per prompt
+def test_each_prompt_is_prefilled_once_for_all_its_samples(models, fraction):
+    ref, guide = models
+    prompts = PROMPTS * 2  # 12 prompts x 2 samples = 24 rows through 4 slots
+    key, knobs = jax.random.key(5), dict(temperature=1.0, top_p=0.95, inv_eta=5.0)
+    sampler = Sampler(ref, guide, config(slots=4, refill_fraction=fraction))
+    cont = sampler.generate(prompts, key=key, n=N, **knobs)
+    stats = sampler.last_stats
+    assert stats["prefills"] == len(prompts) and stats["refills"] <= len(prompts)
+    static = Sampler(ref, guide, config(slots=0)).generate(prompts, key=key, n=N, **knobs)
+    np.testing.assert_array_equal(cont.tokens, static.tokens)
+    np.testing.assert_array_equal(cont.lengths, static.lengths)
+    np.testing.assert_allclose(cont.kl_token, static.kl_token, atol=1e-5)
+
+
+def test_generate_chunks_gives_the_chunked_rows_in_one_continuous_call(models):
+    ref, guide = models
+    key, knobs = jax.random.key(11), dict(temperature=1.0, top_p=0.9, inv_eta=3.0, guided=True)
+    static = Sampler(ref, guide, config(slots=0))
+    chunked = list(generate_chunks(static, PROMPTS, key=key, n=N, chunk=2, **knobs))
+    assert [start for start, _ in chunked] == [0, 2, 4]
+    sampler = Sampler(ref, guide, config(slots=4, refill_fraction=0.5))
+    ((start, whole),) = generate_chunks(sampler, PROMPTS, key=key, n=N, chunk=2, **knobs)
+    assert start == 0 and sampler.last_stats["prefills"] == len(PROMPTS)
+    np.testing.assert_array_equal(whole.prompt_index, np.repeat(np.arange(len(PROMPTS)), N))
+    for s, part in chunked:
+        rows = slice(s * N, s * N + len(part.lengths))
+        np.testing.assert_array_equal(whole.tokens[rows], part.tokens)
+        np.testing.assert_array_equal(whole.lengths[rows], part.lengths)
+        np.testing.assert_allclose(whole.logp_policy[rows], part.logp_policy, atol=1e-5)
+        np.testing.assert_allclose(whole.kl_token[rows], part.kl_token, atol=1e-5)
 
 
 SHARDED_SCRIPT = textwrap.dedent("""
