@@ -133,6 +133,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         )  # fmt: skip
         _write_json(path, metrics)
         points[name] = metrics
+    # paired against pi_ref's samples (same problems and per-row keys), like the sweep's points
+    points = r.with_paired_differences(points, {name: name for name in [*points, "pi_ref"]})
     sweep_path = os.path.join(out, "eval", "sweep.json")
     frontier = {}
     if os.path.exists(sweep_path):
