@@ -14,7 +14,9 @@ Outputs: ``output_dir/grpo/`` holds this job's config, one checkpoint directory 
 per beta, ``frontier.json`` / ``frontier.csv`` (the Q# run's sweep plus the GRPO points, each
 with sampled tokens, optimizer steps and wall time) and ``accuracy_vs_kl.png``; the evaluations
 are ``output_dir/eval/grpo_beta<b>.json`` beside the sweep's. A rerun resumes: finished betas
-are read back, a started one continues from its last checkpoint.
+are read back, a started one continues from its last checkpoint. ``grpo.betas`` may differ
+between runs (two processes can train different betas in one ``output_dir``); every other key
+must match the saved config.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
                 "first (the same command without --config.method=grpo) or set --config.grpo.token_budget=N."
             )
     enable_compilation_cache(cfg)
-    saved = save_effective_config(cfg, grpo_dir, free=EXTENDABLE + PLACEMENT_KEYS)
+    # betas may change between runs (each is trained and saved under its own name, like the
+    # sweep's inv_etas): another process can add one in parallel; a run with all of them assembles the frontier
+    saved = save_effective_config(cfg, grpo_dir, free=EXTENDABLE + PLACEMENT_KEYS + ("grpo.betas",))
     _log(f"effective config saved to {saved}; token budget per beta: {budget}")
     t = time.time()
     r = QSharpRun(cfg)

@@ -230,6 +230,12 @@ def test_grpo_job_trains_each_beta_evaluates_like_the_sweep_and_resumes(tiny_mod
     assert "grpo_beta0.5" in capsys.readouterr().out
     assert grpo_task.run(cfg) == frontier  # a rerun reads every beta back
     assert capsys.readouterr().err.count("reusing") == 2
+    one_beta = ["--config.grpo.betas=(0.5,)" if a.startswith("--config.grpo.betas") else a for a in args]
+    one_beta.append("--config.grpo.token_budget=30")
+    one = grpo_task.run(smoke_config(tiny_model_dir, out, *one_beta))
+    assert one == {"grpo_beta0.5": frontier["grpo_beta0.5"]}  # betas may change: each has its own files
+    with pytest.raises(ConfigError, match=r"changed: grpo\.mu"):
+        grpo_task.run(smoke_config(tiny_model_dir, out, *one_beta, "--config.grpo.mu=2"))
 
 
 def test_qsharp_collection_tokens_counts_roll_ins_and_roll_outs(tmp_path):
