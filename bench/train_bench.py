@@ -30,19 +30,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SMOLLM2 = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    rms_norm_eps=1e-5,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-)
-
 
 def synthetic_examples(n, seq, vocab, seed=0):
     """Rows of exactly ``seq`` tokens (half prefix, half target), so there is no padding."""
@@ -60,7 +47,14 @@ def synthetic_examples(n, seq, vocab, seed=0):
     ]
 
 
-def bench_jax(args, shape):
+def smollm2(num_layers: int):
+    """SmolLM2-135M's architecture (the library's preset) with ``num_layers`` blocks."""
+    from qsharp_jax.models import presets
+
+    return presets.get("smollm2-135m").replace(num_layers=num_layers)
+
+
+def bench_jax(args, cfg):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -68,9 +62,7 @@ def bench_jax(args, shape):
     from qsharp_jax.config import learner_defaults
     from qsharp_jax.guidance import learner, model as guidance_model
     from qsharp_jax.models import decoder as model
-    from qsharp_jax.models.config import ModelConfig
 
-    cfg = ModelConfig(model_type="llama", **shape)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.jax_dtype]
     # One jitted init instead of one small compile per parameter shape.
     guide = nnx.jit(
@@ -108,30 +100,20 @@ def bench_jax(args, shape):
     )
 
 
-def bench_torch(args, shape):
+def bench_torch(args, cfg):
     import torch
     import transformers
 
+    from qsharp_jax.models.config import to_hf_dict
+
     torch.manual_seed(0)
-    hf = transformers.LlamaConfig(
-        vocab_size=shape["vocab_size"],
-        hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_layers"],
-        num_attention_heads=shape["num_heads"],
-        num_key_value_heads=shape["num_kv_heads"],
-        head_dim=shape["head_dim"],
-        rms_norm_eps=shape["rms_norm_eps"],
-        rope_theta=shape["rope_theta"],
-        tie_word_embeddings=True,
-        max_position_embeddings=max(2048, args.seq),
-    )
+    hf = transformers.LlamaConfig(**dict(to_hf_dict(cfg), max_position_embeddings=max(2048, args.seq)))
     backbone = transformers.LlamaForCausalLM(hf).model  # the LM head is replaced by the value head
-    head = torch.nn.Linear(shape["hidden_size"], 1, bias=False)
+    head = torch.nn.Linear(cfg.hidden_size, 1, bias=False)
     torch.nn.init.normal_(head.weight, std=0.02)
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01)
-    examples = synthetic_examples(args.batch * (args.warmup + args.steps), args.seq, shape["vocab_size"])
+    examples = synthetic_examples(args.batch * (args.warmup + args.steps), args.seq, cfg.vocab_size)
     autocast = args.torch_dtype == "bfloat16"
 
     def batch(i):
@@ -178,20 +160,20 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed torch steps (JAX skips its compiling step)")
-    p.add_argument("--layers", type=int, default=SMOLLM2["num_layers"], help="fewer for a smoke test")
+    p.add_argument("--layers", type=int, default=30, help="SmolLM2-135M's 30 blocks; fewer for a smoke test")
     p.add_argument("--jax-dtype", choices=("bfloat16", "float32"), default="float32")
     p.add_argument("--torch-dtype", choices=("bfloat16", "float32"), default="float32")
     p.add_argument("--only", choices=("jax", "torch"), default=None)
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the JAX side's first step compiles)")
-    shape = dict(SMOLLM2, num_layers=args.layers)
+    cfg = smollm2(args.layers)
     out = dict(settings=vars(args))
     if args.only in (None, "jax"):
-        out["jax"] = bench_jax(args, shape)
+        out["jax"] = bench_jax(args, cfg)
         print("jax  ", json.dumps(out["jax"]), flush=True)
     if args.only in (None, "torch"):
-        out["torch"] = bench_torch(args, shape)
+        out["torch"] = bench_torch(args, cfg)
         print("torch", json.dumps(out["torch"]), flush=True)
     if "jax" in out and "torch" in out:
         out["jax_over_torch"] = out["jax"]["tokens_per_s"] / out["torch"]["tokens_per_s"]
