@@ -70,6 +70,18 @@ def validate_grpo_config(c: ml_collections.ConfigDict, section: str = "grpo") ->
         raise ValueError("invalid GRPO config: " + "; ".join(bad))
 
 
+LENGTH_BUCKET = 16  # batch rows are rounded up to a multiple of this: few shapes to compile
+
+
+def batch_length(longest_row: int, window: int, cap: int) -> int:
+    """Row length of a training batch: its longest prompt + completion rounded up to
+    :data:`LENGTH_BUCKET`, at least ``window + 1`` (the log-prob window and the token before it)
+    and at most ``cap`` (the longest prompt + max_new_tokens). Short answers make short rows:
+    the forward / backward pass costs what the batch holds, not the sampler's cap."""
+    bucketed = -(-longest_row // LENGTH_BUCKET) * LENGTH_BUCKET
+    return min(cap, max(window + 1, bucketed))
+
+
 def sequence_batch(prompts: list, completions: list, length: int, pad_id: int = 0) -> dict:
     """Rows ``[pad | prompt | completion]`` left-padded to ``length`` tokens, the loss on the
     completion (stop token included)."""
@@ -164,9 +176,9 @@ def train(
                 )  # fmt: skip
                 row_prompt = idx[out.prompt_index]
                 rewards = np.asarray(reward_fn(row_prompt, out), np.float32)
-                batch = sequence_batch(
-                    [prompts[i] for i in row_prompt], out.completions(), length, sampler_config.pad_id
-                )
+                rows, completions = [prompts[i] for i in row_prompt], out.completions()
+                longest = max(len(p) + len(x) for p, x in zip(rows, completions))
+                batch = sequence_batch(rows, completions, batch_length(longest, max_new, length), sampler_config.pad_id)
                 batch["advantage"] = np.asarray(
                     losses.grpo_advantages(jnp.asarray(rewards), c.group_size, c.eps, c.std_normalize)
                 )

@@ -201,3 +201,30 @@ def test_log_probs_of_the_last_tokens_equal_the_full_ones_there():
     assert np.all(last[:, :5] == 0.0)
     # the same float32 ops on a slice of the hidden states: equal up to the matmul's reduction order
     np.testing.assert_allclose(last[:, 5:], full[:, 5:], rtol=0, atol=64 * F32)
+
+
+def test_batch_length_rounds_up_within_the_window_and_the_cap():
+    b = grpo.LENGTH_BUCKET
+    assert grpo.batch_length(b + 1, window=4, cap=10 * b) == 2 * b
+    assert grpo.batch_length(2 * b, window=4, cap=10 * b) == 2 * b
+    assert grpo.batch_length(3, window=2 * b, cap=10 * b) == 2 * b + 1  # the log-prob window fits
+    assert grpo.batch_length(9 * b + 1, window=4, cap=9 * b + 3) == 9 * b + 3  # never above the cap
+
+
+def test_the_grpo_loss_of_a_trimmed_batch_equals_the_full_length_one():
+    """Extra left padding changes nothing but the reduction order of the masked attention."""
+    model, reference = _tiny(), _tiny()
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(6, VOCAB, size=n).tolist() for n in (3, 5, 4, 5)]
+    completions = [rng.integers(0, VOCAB, size=n).tolist() for n in (2, 6, 1, 3)]
+    hp = dict(temperature=1.0, clip_eps=0.2, beta=0.04, aggregation="sequence_mean", max_response_tokens=6,
+              response_window=6, on_policy=True)  # fmt: skip
+    results = []
+    for length in (11, 24):  # the longest row, and the cap-length batch of before
+        batch = grpo.sequence_batch(prompts, completions, length)
+        batch["ref_logp"] = grpo.token_log_probs(reference, batch, 1.0, 6)
+        batch["old_logp"] = np.zeros_like(batch["ref_logp"])
+        batch["advantage"] = np.array([1.0, -0.5, 0.25, -0.75], np.float32)
+        loss, _ = losses.get("grpo").fn(model, {k: jnp.asarray(v) for k, v in batch.items()}, hp)
+        results.append(float(loss))
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=64 * F32)
