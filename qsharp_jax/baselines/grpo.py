@@ -207,10 +207,12 @@ def train(
                         f"k3 KL {point['kl']:.4f}, {record['sampled_tokens']} tokens sampled"
                     )
                     window = []
-                if record["batches"] % c.save_every == 0 or finished():
+                saved_now = record["batches"] % c.save_every == 0 or finished()
+                if saved_now:
                     save()
                 if guard.requested:
-                    save()
+                    if not saved_now:  # a SIGTERM right after a periodic save: that checkpoint is this batch
+                        save()
                     raise checkpointing.Preempted(record["batches"], ckpt.directory)
     finally:
         bar.close()

@@ -2,6 +2,8 @@
 rises; a run interrupted mid-batch and rerun ends identical to an uninterrupted one)."""
 
 import math
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import pytest
 from flax import nnx
 
 from qsharp_jax.baselines import grpo
+from qsharp_jax.checkpoints import training as checkpointing
 from qsharp_jax.config import grpo_defaults
 from qsharp_jax.models import decoder
 from qsharp_jax.models.config import ModelConfig
@@ -189,6 +192,24 @@ def test_interrupted_run_resumes_identical_to_an_uninterrupted_one(tmp_path):
     assert strip(record["history"]) == strip(whole_record["history"])
     for a, b in zip(jax.tree.leaves(nnx.state(whole)), jax.tree.leaves(nnx.state(resumed))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sigterm_right_after_a_periodic_save_stops_cleanly_and_resumes(tmp_path):
+    """SIGTERM during batch 2 of save_every=2: batch 2 is saved once (no second save of the same
+    step), the run stops with Preempted, and a rerun continues from batch 3."""
+    c, ckpt, calls = _config(3, save_every=2), str(tmp_path / "ckpt"), []
+
+    def sigterm_in_batch_2(idx, out):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _reward(idx, out)
+
+    with pytest.raises(checkpointing.Preempted) as stop:
+        grpo.train(_tiny(), _tiny(), _prompts(), sigterm_in_batch_2, c, _sampler_config(), ckpt, log=lambda m: None)
+    assert stop.value.step == 2 and sorted(os.listdir(ckpt)) == ["2"]
+    _, record = grpo.train(_tiny(), _tiny(), _prompts(), _reward, c, _sampler_config(), ckpt, log=lambda m: None)
+    assert record["batches"] == 3 and [h["batch"] for h in record["history"]] == [1, 2, 3]
 
 
 def test_log_probs_of_the_last_tokens_equal_the_full_ones_there():
