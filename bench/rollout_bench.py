@@ -66,7 +66,7 @@ jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
 def run_ours(sampler, prompts, n, chunk_prompts, knobs, key):
-    """(wall s, compile s, lengths, decode steps); chunk_prompts=None: one call for all."""
+    """(wall s, CPU s, compile s, lengths, decode steps); chunk_prompts=None: one call for all."""
     compile0, t, cpu = _compile_seconds[0], time.perf_counter(), time.process_time()
     lengths, steps = [], 0
     chunks = (
@@ -192,6 +192,10 @@ def main(argv=None) -> int:
     ap.add_argument("--refill-fraction", type=float, default=0.25, help="SamplerConfig.refill_fraction")
     ap.add_argument("--prompt-bucket", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument(
+        "--methods", nargs="+", choices=("static", "continuous", "transformers"), default=["static", "continuous"],
+        help="which samplers to run (--hf adds transformers)",
+    )  # fmt: skip
     ap.add_argument("--hf", action="store_true", help="also run transformers generate")
     ap.add_argument("--hf-batches", type=int, nargs="*", default=None, help="with --hf: only these batches")
     ap.add_argument("--hf-dir", default=None)
@@ -232,8 +236,10 @@ def main(argv=None) -> int:
     task = WordProblems("gsm8k", DATA, DATA)  # the chat prompts of the main job (spec 4.2)
     knobs = dict(temperature=0.8, top_p=0.9)
 
+    if args.hf and "transformers" not in args.methods:
+        args.methods.append("transformers")
     hf_model = None
-    if args.hf:
+    if "transformers" in args.methods:
         import torch
         import transformers
 
@@ -267,16 +273,20 @@ def main(argv=None) -> int:
         )
         for rep in range(args.repeats):
             key = jax.random.key(1000 + rep)
-            rows = []
-            w, cpu, c, lengths_s, steps = run_ours(static, prompts, args.n, batch // args.n, knobs, key)
-            rows.append(summarize("static", batch, w, cpu, c, lengths_s, steps))
-            print(f"  static done: {w:.0f} s wall, {cpu:.0f} s CPU, {c:.0f} s compile", flush=True)
-            w, cpu, c, lengths_c, steps = run_ours(cont, prompts, args.n, None, knobs, key)
-            rows.append(summarize("continuous", batch, w, cpu, c, lengths_c, steps))
-            print(f"  continuous done: {w:.0f} s wall, {cpu:.0f} s CPU, {c:.0f} s compile", flush=True)
-            rows[-1]["refills"] = cont.last_stats["refills"]
-            rows[-1]["prefills"] = cont.last_stats["prefills"]
-            rows[-1]["same_lengths_as_static"] = bool(np.array_equal(lengths_s, lengths_c))
+            rows, lengths_s = [], None
+            if "static" in args.methods:
+                w, cpu, c, lengths_s, steps = run_ours(static, prompts, args.n, batch // args.n, knobs, key)
+                rows.append(summarize("static", batch, w, cpu, c, lengths_s, steps))
+                print(f"  static done: {w:.0f} s wall, {cpu:.0f} s CPU, {c:.0f} s compile", flush=True)
+            if "continuous" in args.methods:
+                w, cpu, c, lengths_c, steps = run_ours(cont, prompts, args.n, None, knobs, key)
+                rows.append(summarize("continuous", batch, w, cpu, c, lengths_c, steps))
+                print(f"  continuous done: {w:.0f} s wall, {cpu:.0f} s CPU, {c:.0f} s compile", flush=True)
+                rows[-1]["refills"] = cont.last_stats["refills"]
+                rows[-1]["prefills"] = cont.last_stats["prefills"]
+                if lengths_s is not None:
+                    rows[-1]["rows_with_other_length_than_static"] = int(np.sum(lengths_s != lengths_c))
+                    rows[-1]["same_lengths_as_static"] = bool(np.array_equal(lengths_s, lengths_c))
             if hf_model is not None and (args.hf_batches is None or batch in args.hf_batches):
                 w, cpu, lengths_h, steps = run_hf(hf_model, prompts, args.n, batch, stop_ids, pad_id, args.max_new, rep)
                 rows.append(summarize("transformers", batch, w, cpu, 0.0, lengths_h, steps))
