@@ -56,7 +56,10 @@ def _base() -> ml_collections.ConfigDict:
     # the V-type Bernoulli classifier shared by CD and Q# (spec 5.6)
     c.classifier = ml_collections.ConfigDict(
         dict(
-            init="reference",  # "reference": parameters from pi_ref where they fit; "scratch"
+            # "reference": parameters from pi_ref where they fit; "scratch"; "pretrained": the first
+            # num_layers blocks of the LM at pretrained_path ("" = SmolLM2-135M), graph tokens
+            # mapped onto its letter tokens (the paper starts its classifier from GPT-2)
+            init="reference", pretrained_path="",
             hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256,
             steps=1_000, eval_every=250, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.1,
             clip=1.0, seed=47, log_every=100,

@@ -79,7 +79,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     for sec in ("pretrain", "classifier", "reinforce", "dpo", "rpo"):
         if cfg[sec].steps < 1 or cfg[sec].batch_size < 1 or cfg[sec].lr <= 0:
             bad.append(f"{sec}: steps, batch_size and lr must be positive")
-    if cfg.model.hidden_size % cfg.model.num_heads or cfg.classifier.hidden_size % cfg.classifier.num_heads:
+    pretrained = cfg.classifier.init == "pretrained"  # its width and heads are the pretrained LM's
+    if cfg.model.hidden_size % cfg.model.num_heads or (
+        not pretrained and cfg.classifier.hidden_size % cfg.classifier.num_heads
+    ):
         bad.append("model/classifier hidden_size must be a multiple of num_heads")
     if "grpo" in cfg.methods:
         try:
@@ -356,7 +359,9 @@ class StarGraphRun:
         c = self.cfg.classifier.copy_and_resolve_references()
         if steps:
             c.steps = steps
-        guide = qsg.build_classifier(reference, self.classifier_model_config(), c.init, c.seed)
+        guide = qsg.build_classifier(
+            reference, self.classifier_model_config(), c.init, c.seed, star=self.tok, pretrained_path=c.pretrained_path
+        )
         evaluate = lambda g: qsg.classifier_metrics(g, held["prefixes"], held["chosen"], held["rejected"])
         return qsg.train_classifier(guide, examples, c, self.seq_len, self._p(subdir), evaluate, _log)
 

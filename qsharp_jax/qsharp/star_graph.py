@@ -3,8 +3,10 @@
 * :func:`pair_examples`: the offline data of spec 5.6, one example per ground-truth path
   (label 1) and per failed reference sample (label 0), BCE at every target position;
 * :func:`build_classifier`: a decoder backbone (any depth / width) whose parameters are
-  taken from the trained reference wherever names and shapes match (``init="reference"``)
-  or drawn fresh (``init="scratch"``), plus a V head;
+  taken from the trained reference wherever names and shapes match (``init="reference"``),
+  drawn fresh (``init="scratch"``), or the first blocks of a pretrained LM with the graph
+  vocabulary mapped onto its own tokens (``init="pretrained"``, as the paper starts from
+  GPT-2: :func:`pretrained_backbone`), plus a V head;
 * :func:`train_classifier`: the guidance learner (:func:`qsharp_jax.guidance.learner.fit`,
   Orbax-resumable) run in chunks with an evaluation after each, which is the learning curve;
 * :func:`classifier_metrics`: held-out pair accuracy at the first decision (the only choice
@@ -26,6 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from qsharp_jax.checkpoints import loader
 from qsharp_jax.config import learner_defaults
 from qsharp_jax.guidance import learner
 from qsharp_jax.guidance.batching import Example
@@ -37,7 +40,7 @@ from qsharp_jax.rollout.sampler import Sampler
 from qsharp_jax.rollout.state import SamplerConfig
 from qsharp_jax.tasks import star_graph as sg
 
-CLASSIFIER_INITS = ("reference", "scratch")
+CLASSIFIER_INITS = ("reference", "scratch", "pretrained")
 
 
 def pair_examples(prefixes: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> list[Example]:
@@ -66,12 +69,80 @@ def copy_matching(target: model_lib.Decoder, source: model_lib.Decoder) -> list[
     return copied
 
 
-def build_classifier(reference: model_lib.Decoder, cfg: ModelConfig, init: str, seed: int) -> GuidanceModel:
+def pretrained_token_ids(tokenizer, star: sg.Tokenizer) -> np.ndarray:
+    """[star vocab] ids of ``tokenizer`` (a pretrained LM's): for every star-graph token a
+    distinct token that the LM reads as one symbol: letters, then letter pairs, for the nodes
+    (" A", or "A" where the spaced form is not one token) and the separators themselves. Numbers
+    are avoided: BPE vocabularies split them into digits."""
+    upper, lower = [chr(c) for c in range(65, 91)], [chr(c) for c in range(97, 123)]
+    names = upper + lower + [a + b for a in upper for b in lower]
+    taken, ids = set(), []
+
+    def single(text):
+        for form in (" " + text, text):
+            got = tokenizer.encode(form, add_special_tokens=False)
+            if len(got) == 1 and got[0] not in taken:
+                return got[0]
+        return None
+
+    names = iter(names)
+    for _ in range(star.num_nodes):
+        for name in names:
+            i = single(name)
+            if i is not None:
+                break
+        else:
+            raise ValueError(
+                f"the pretrained tokenizer has no {star.num_nodes} distinct single-token names for the graph's "
+                "nodes: lower graph.num_nodes or use classifier.init='reference'."
+            )
+        taken.add(i)
+        ids.append(i)
+    for sep in sg.SEPARATORS:
+        i = single(sep)
+        if i is None:
+            raise ValueError(
+                f"separator {sep!r} is not one token of the pretrained tokenizer: use classifier.init='reference'."
+            )
+        taken.add(i)
+        ids.append(i)
+    return np.asarray(ids, np.int32)
+
+
+def pretrained_backbone(path: str, num_layers: int, star: sg.Tokenizer, seed: int) -> model_lib.Decoder:
+    """The first ``num_layers`` blocks and final norm of the LM at ``path`` ("" = SmolLM2-135M),
+    over the star-graph vocabulary: its embedding rows are the LM's rows of
+    :func:`pretrained_token_ids` (an input-only model: the V head replaces the LM head)."""
+    loaded = loader.load(path)
+    ids = pretrained_token_ids(loaded.tokenizer, star)
+    source = model_lib.truncate_layers(loaded.model, num_layers)
+    backbone = model_lib.build(source.cfg.replace(vocab_size=star.vocab_size), seed=seed)
+    copy_matching(backbone, source)
+    backbone.embed.set_value(jnp.asarray(source.embed.get_value())[ids])
+    return backbone
+
+
+def build_classifier(
+    reference: model_lib.Decoder,
+    cfg: ModelConfig,
+    init: str,
+    seed: int,
+    *,
+    star: sg.Tokenizer | None = None,
+    pretrained_path: str = "",
+) -> GuidanceModel:
+    """The V-type Bernoulli classifier; ``cfg`` gives the backbone's shape (with
+    ``init="pretrained"`` only its ``num_layers``: the rest is the pretrained LM's)."""
     if init not in CLASSIFIER_INITS:
         raise ValueError(f"classifier init={init!r} is not one of {CLASSIFIER_INITS}.")
-    backbone = model_lib.build(cfg, seed=seed)
-    if init == "reference":
-        copy_matching(backbone, reference)
+    if init == "pretrained":
+        if star is None:
+            raise ValueError("classifier init='pretrained' needs the star-graph tokenizer (star=...).")
+        backbone = pretrained_backbone(pretrained_path, cfg.num_layers, star, seed)
+    else:
+        backbone = model_lib.build(cfg, seed=seed)
+        if init == "reference":
+            copy_matching(backbone, reference)
     return build_guide(backbone, HeadConfig(kind="v", distribution="bernoulli", init="normal"), seed=seed)
 
 
