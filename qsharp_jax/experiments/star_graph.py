@@ -163,6 +163,20 @@ def policy_kl(policy, reference, prefixes, completions, temperature, top_k) -> n
     )  # fmt: skip
 
 
+def pair_stats(pairs: dict) -> dict:
+    """What pi_ref's failed samples look like. ``rejected_ends_at_goal``: the failed path still
+    writes the goal as its last node (the shortcut copies it from the prefix instead of following
+    the wrong arm's edges), so a value classifier cannot tell a failure by its end node alone."""
+    goal = pairs["prefixes"][:, -2]  # the prefix ends with  / s , g =
+    rejected = pairs["rejected"]
+    return dict(
+        pairs=len(rejected),
+        mean_tries=float(np.mean(pairs["tries"])) if len(rejected) else float("nan"),
+        first_decision_differs=float(np.mean(pairs["chosen"][:, 2] != rejected[:, 2])),
+        rejected_ends_at_goal=float(np.mean(rejected[:, -1] == goal)),
+    )
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 
@@ -302,10 +316,11 @@ class StarGraphRun:
             graph_index=np.flatnonzero(keep),
         )  # fmt: skip
         np.savez(path, **pairs)
+        stats = pair_stats(pairs)
         _log(
             f"pairs: {keep.sum()} of {n} post-train graphs gave a failed pi_ref sample within {c.max_tries} tries "
-            f"(mean tries {tries[keep].mean():.2f}); first-decision difference in "
-            f"{np.mean(pairs['chosen'][:, 2] != pairs['rejected'][:, 2]):.3f} of pairs"
+            f"(mean tries {stats['mean_tries']:.2f}); first decision wrong in {stats['first_decision_differs']:.3f} "
+            f"of the failed samples, which still end at the goal in {stats['rejected_ends_at_goal']:.3f}"
         )
         return pairs
 
@@ -475,6 +490,7 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         reference=dict(
             teacher_forced_train=pre["teacher_forced_train"], teacher_forced_test=pre["teacher_forced_test"]
         ),
+        pairs=pair_stats(pairs) if pairs is not None else None,
         pretrain_curve=pre["history"],
         classifier_curve=_read_json(curve_path) if os.path.exists(curve_path) else None,
         classifier_online_curve=(

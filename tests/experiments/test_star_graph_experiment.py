@@ -49,6 +49,23 @@ def test_validate_config(override, message):
         star_graph.validate_config(cfg)
 
 
+def test_pair_stats_by_hand():
+    """Two pairs of G(2,3) (prefix ... / s , g =): one failed sample ends at the goal after a
+    wrong first node, the other follows its wrong arm to the dead end."""
+    comma, bar, slash, eq = 50, 51, 52, 53
+    # edges 1->2, 2->3 (goal arm), 1->4, 4->5; s = 1, g = 3
+    prefix = [1, comma, 2, bar, 2, comma, 3, bar, 1, comma, 4, bar, 4, comma, 5, slash, 1, comma, 3, eq]
+    pairs = dict(
+        prefixes=np.asarray([prefix, prefix]),
+        chosen=np.asarray([[1, comma, 2, comma, 3]] * 2),
+        rejected=np.asarray([[1, comma, 4, comma, 3], [1, comma, 4, comma, 5]]),
+        tries=np.asarray([1, 3]),
+    )
+    assert star_graph.pair_stats(pairs) == dict(
+        pairs=2, mean_tries=2.0, first_decision_differs=1.0, rejected_ends_at_goal=0.5
+    )
+
+
 def test_quick_preset_end_to_end_and_resume(tmp_path):
     """The `quick` preset (G(2,3), fixed seeds) through every phase, then a rerun that resumes.
 
@@ -77,6 +94,10 @@ def test_quick_preset_end_to_end_and_resume(tmp_path):
     assert "Q# online" in (out / "table.txt").read_text()
     pairs = np.load(out / "pairs.npz")
     assert len(pairs["chosen"]) >= 0.9 * 800 and not np.any(np.all(pairs["chosen"] == pairs["rejected"], axis=1))
+    stats = payload["pairs"]
+    assert stats["pairs"] == len(pairs["chosen"])
+    ends = [int(r[-1]) == int(p[-2]) for p, r in zip(pairs["prefixes"], pairs["rejected"])]
+    assert stats["rejected_ends_at_goal"] == pytest.approx(np.mean(ends), abs=1e-12)
 
     assert "GRPO" in (out / "table.txt").read_text()
     grpo_record = json.loads((out / "grpo" / "history.json").read_text())
