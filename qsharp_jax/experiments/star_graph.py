@@ -169,9 +169,11 @@ def pair_stats(pairs: dict) -> dict:
     the wrong arm's edges), so a value classifier cannot tell a failure by its end node alone."""
     goal = pairs["prefixes"][:, -2]  # the prefix ends with  / s , g =
     rejected = pairs["rejected"]
+    if not len(rejected):  # pi_ref never failed within max_tries
+        return dict(pairs=0, mean_tries=None, first_decision_differs=None, rejected_ends_at_goal=None)
     return dict(
         pairs=len(rejected),
-        mean_tries=float(np.mean(pairs["tries"])) if len(rejected) else float("nan"),
+        mean_tries=float(np.mean(pairs["tries"])),
         first_decision_differs=float(np.mean(pairs["chosen"][:, 2] != rejected[:, 2])),
         rejected_ends_at_goal=float(np.mean(rejected[:, -1] == goal)),
     )
@@ -316,12 +318,14 @@ class StarGraphRun:
             graph_index=np.flatnonzero(keep),
         )  # fmt: skip
         np.savez(path, **pairs)
-        stats = pair_stats(pairs)
-        _log(
-            f"pairs: {keep.sum()} of {n} post-train graphs gave a failed pi_ref sample within {c.max_tries} tries "
-            f"(mean tries {stats['mean_tries']:.2f}); first decision wrong in {stats['first_decision_differs']:.3f} "
-            f"of the failed samples, which still end at the goal in {stats['rejected_ends_at_goal']:.3f}"
+        st = pair_stats(pairs)
+        detail = (
+            f" (mean tries {st['mean_tries']:.2f}); first decision wrong in {st['first_decision_differs']:.3f} of "
+            f"the failed samples, which still end at the goal in {st['rejected_ends_at_goal']:.3f}"
+            if st["pairs"]
+            else ""
         )
+        _log(f"pairs: {keep.sum()} of {n} post-train graphs gave a failed pi_ref sample in {c.max_tries} tries{detail}")
         return pairs
 
     def split_pairs(self, pairs):

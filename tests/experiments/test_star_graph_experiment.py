@@ -64,6 +64,10 @@ def test_pair_stats_by_hand():
     assert star_graph.pair_stats(pairs) == dict(
         pairs=2, mean_tries=2.0, first_decision_differs=1.0, rejected_ends_at_goal=0.5
     )
+    none = {k: v[:0] for k, v in pairs.items()}
+    assert star_graph.pair_stats(none) == dict(
+        pairs=0, mean_tries=None, first_decision_differs=None, rejected_ends_at_goal=None
+    )
 
 
 def test_quick_preset_end_to_end_and_resume(tmp_path):
