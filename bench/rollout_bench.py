@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qsharp_jax.checkpoints import loader
+from qsharp_jax.core import host_memory
 from qsharp_jax.rollout.sampler import Sampler, refill_threshold, row_keys, rows_to_start
 from qsharp_jax.rollout.state import SamplerConfig
 from qsharp_jax.tasks import data
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "load_average_start": os.getloadavg(),
+        "host_memory_reuse": host_memory.available(),  # glibc keeps freed blocks during decoding
         "args": vars(args),
     }
     print(json.dumps(info, indent=1), flush=True)
@@ -288,7 +290,12 @@ def main(argv=None) -> int:
                     rows[-1]["rows_with_other_length_than_static"] = int(np.sum(lengths_s != lengths_c))
                     rows[-1]["same_lengths_as_static"] = bool(np.array_equal(lengths_s, lengths_c))
             if hf_model is not None and (args.hf_batches is None or batch in args.hf_batches):
-                w, cpu, lengths_h, steps = run_hf(hf_model, prompts, args.n, batch, stop_ids, pad_id, args.max_new, rep)
+                # the same host allocator setting as our sampler uses (core.host_memory), so the
+                # comparison is between the engines, not between malloc settings
+                with host_memory.reuse_freed_memory():
+                    w, cpu, lengths_h, steps = run_hf(
+                        hf_model, prompts, args.n, batch, stop_ids, pad_id, args.max_new, rep
+                    )
                 rows.append(summarize("transformers", batch, w, cpu, 0.0, lengths_h, steps))
             for r in rows:
                 r["repeat"] = rep

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from qsharp_jax.core.host_memory import reuse_freed_memory
 from qsharp_jax.core.sharding import check_model_fits, logical_to_spec, state_shardings
 from qsharp_jax.rollout.continuous import init_slots_jit, refill_jit, segment_jit
 from qsharp_jax.rollout.engine import decode_jit, prefill_jit
@@ -184,7 +185,8 @@ class Sampler:
         stop_ids = np.full(_round_up(max(len(cfg.stop_ids), 1), 4), -1, np.int32)
         stop_ids[: len(cfg.stop_ids)] = cfg.stop_ids
         run = self._continuous if cfg.slots > 0 else self._static
-        return run(prompts, n, keys, knobs, spec, stop_ids)
+        with reuse_freed_memory():  # large decode scratch is reused, not page-faulted in each step
+            return run(prompts, n, keys, knobs, spec, stop_ids)
 
     def _models(self, guided: bool):
         return (self.guide_graph, self.guide_state) if guided else (None, None)
