@@ -50,15 +50,20 @@ BATCH, K = 16, 20
 _GEMM: dict = {}
 
 
-def filled_cache(cfg, batch: int, length: int, real: int, seed: int) -> KVCache:
-    """A cache of ``length`` columns whose first ``real`` hold random keys/values (masked in)."""
-    cache = init_cache(cfg, batch, length)
+def filled_cache(cfg, batch: int, length: int, real: int, seed: int, block: int = 0) -> KVCache:
+    """A cache of ``length`` columns whose first ``real`` hold random keys/values (masked in),
+    read in blocks of ``block`` columns (0: all columns)."""
+    cache = init_cache(cfg, batch, length, block=block)
     rng = np.random.default_rng(seed)
     fill = lambda x: jnp.asarray(rng.normal(0, 1, x.shape).astype(np.float32))
     mask = np.zeros((batch, length), bool)
     mask[:, :real] = True
     return KVCache(
-        k=[fill(x) for x in cache.k], v=[fill(x) for x in cache.v], mask=jnp.asarray(mask), index=jnp.int32(real)
+        k=[fill(x) for x in cache.k],
+        v=[fill(x) for x in cache.v],
+        mask=jnp.asarray(mask),
+        index=jnp.int32(real),
+        block=block,
     )
 
 
@@ -85,7 +90,7 @@ def time_round_robin(programs: dict, rounds: int) -> dict:
     return best
 
 
-def profile(ref, guide, cache_len: int, real: int, steps: int, rounds: int) -> dict:
+def profile(ref, guide, cache_len: int, real: int, steps: int, rounds: int, block: int = 0) -> dict:
     cfg = ref.cfg
     ref_graph, ref_state = nnx.split(ref)
     guide_graph, guide_state = nnx.split(guide)
@@ -169,8 +174,8 @@ def profile(ref, guide, cache_len: int, real: int, steps: int, rounds: int) -> d
 
         return jax.lax.fori_loop(0, steps, body, (logits, jnp.zeros((BATCH,), jnp.int32)))[1]
 
-    ref_cache = filled_cache(cfg, BATCH, cache_len, real, 1)
-    guide_cache = filled_cache(guide.cfg, BATCH, cache_len, real, 2)
+    ref_cache = filled_cache(cfg, BATCH, cache_len, real, 1, block)
+    guide_cache = filled_cache(guide.cfg, BATCH, cache_len, real, 2, block)
     record("step", step_fn, (ref_state, guide_state, ref_cache, guide_cache))
     record("reference", ref_fn, (ref_state, ref_cache))
     record("top_k", topk_fn, (logits0,))
@@ -226,6 +231,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=int, nargs="+", default=[208, 1088])
     ap.add_argument("--real", type=int, default=128, help="real (masked-in) tokens in the caches")
+    ap.add_argument(
+        "--attention-block", type=int, nargs="+", default=[0],
+        help="KV cache read in blocks of this many columns, skipping empty ones (0: every column)",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
@@ -240,12 +249,14 @@ def main(argv=None) -> int:
     ref = loader.load("smollm2", dtype=jnp.float32).model
     guide = guidance_model.build(nnx.clone(ref), guidance_model.HeadConfig(kind="v", init="normal"), seed=1234)
     results = {"info": info, "by_cache": []}
-    for c in args.cache:
-        r = profile(ref, guide, c, min(args.real, c - args.steps - 1), args.steps, args.rounds)
+    for c, block in [(c, b) for c in args.cache for b in args.attention_block]:
+        r = profile(ref, guide, c, min(args.real, c - args.steps - 1), args.steps, args.rounds, block)
+        r["attention_block"] = block
         r["step_over_gemm_rate"] = r["step"]["gflop_s"] / r["gemm"]["gflop_s"]
         r["gemm_ms_over_step_ms"] = r["gemm"]["ms"] / r["step"]["ms"]
         print(
-            f"  cache {c}: step {r['step']['ms']:.1f} ms = parts {r['sum_of_parts_ms']:.1f} + rest {r['rest_ms']:.1f}; "
+            f"  cache {c}, block {block}: step {r['step']['ms']:.1f} ms = parts {r['sum_of_parts_ms']:.1f} "
+            f"+ rest {r['rest_ms']:.1f}; "
             f"GEMM time / step time {r['gemm_ms_over_step_ms']:.2f}",
             flush=True,
         )

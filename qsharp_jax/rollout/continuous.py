@@ -18,6 +18,8 @@ its result does not depend on which slot it got or when.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -31,12 +33,24 @@ def _backbone(model):
     return getattr(model, "backbone", model)
 
 
-def init_slots(ref_graph, guide_graph, slots: int, cache_len: int, max_new_tokens: int, ref_state, guide_state, pad_id):
-    """Empty slots (nothing live) with zeroed circular caches of length ``cache_len``."""
+def init_slots(
+    ref_graph,
+    guide_graph,
+    slots: int,
+    cache_len: int,
+    max_new_tokens: int,
+    ref_state,
+    guide_state,
+    pad_id,
+    attention_block: int = 0,
+):
+    """Empty slots (nothing live) with zeroed circular caches of length ``cache_len``, read
+    in blocks of ``attention_block`` columns (0: all columns; see ``KVCache``)."""
 
     def empty(graph, state):
         model = _backbone(nnx.merge(graph, state))
-        return constrain_cache(init_cache(model.cfg, slots, cache_len, model.dtype), model.rules)
+        cache = init_cache(model.cfg, slots, cache_len, model.dtype, block=attention_block)
+        return constrain_cache(cache, model.rules)
 
     zeros = jnp.zeros((slots, max_new_tokens), jnp.float32)
     return SlotState(
@@ -55,7 +69,7 @@ def init_slots(ref_graph, guide_graph, slots: int, cache_len: int, max_new_token
     )
 
 
-init_slots_jit = jax.jit(init_slots, static_argnums=(0, 1, 2, 3, 4))
+init_slots_jit = jax.jit(init_slots, static_argnums=(0, 1, 2, 3, 4), static_argnames=("attention_block",))
 
 
 def _insert_prompts(model, cache: KVCache, tokens, mask, src, dst) -> KVCache:
@@ -79,6 +93,7 @@ def _insert_prompts(model, cache: KVCache, tokens, mask, src, dst) -> KVCache:
         v=[put(o, n) for o, n in zip(cache.v, pre.v)],
         mask=cache.mask.at[dst].set(row_mask, mode="drop"),
         index=cache.index,
+        block=cache.block,
     )
     return constrain_cache(new, model.rules)
 
@@ -144,12 +159,13 @@ def segment(
         col = jnp.where(s.live, s.age, width)  # out of range: dropped
         write = lambda buf, val: buf.at[rows, col].set(val, mode="drop")
         age = s.age + s.live.astype(jnp.int32)
+        live = s.live & ~stopped & (age < width)
         return i + 1, SlotState(
-            ref_cache=ref_cache,
-            guide_cache=guide_cache,
+            ref_cache=_forget_stopped(ref_cache, live),
+            guide_cache=_forget_stopped(guide_cache, live),
             newest=token,
             position=s.position + 1,
-            live=s.live & ~stopped & (age < width),
+            live=live,
             age=age,
             lengths=age,
             keys=s.keys,
@@ -166,6 +182,14 @@ def segment(
 
     steps_run, state = jax.lax.while_loop(go_on, step, (jnp.zeros((), jnp.int32), state))
     return state, steps_run
+
+
+def _forget_stopped(cache, live):
+    """Clear the cache mask of slots that stopped: their columns then no longer keep cache
+    blocks in a blocked attention's read set (a refill sets the slot's mask anew)."""
+    if cache is None:
+        return None
+    return dataclasses.replace(cache, mask=cache.mask & live[:, None])
 
 
 segment_jit = jax.jit(segment, static_argnums=(0, 1, 2), donate_argnums=(5,))

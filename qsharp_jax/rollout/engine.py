@@ -44,8 +44,9 @@ def constrain_cache(cache: KVCache, rules) -> KVCache:
     )
 
 
-def _prefill_one(model, tokens, mask, cache_len: int, n: int):
-    """Cache [B*n rows] holding tokens[:, :-1] (each prompt's rows repeated n times)."""
+def _prefill_one(model, tokens, mask, cache_len: int, n: int, attention_block: int = 0):
+    """Cache [B*n rows] holding tokens[:, :-1] (each prompt's rows repeated n times), read
+    by decode in blocks of ``attention_block`` columns (0: all columns; see ``KVCache``)."""
     b, length = tokens.shape
     # prefill into a cache that just fits the prompt (attention does not scan the empty
     # decode slots), then grow it to cache_len and repeat rows in one pass
@@ -66,22 +67,25 @@ def _prefill_one(model, tokens, mask, cache_len: int, n: int):
         v=[grow(x, 2) for x in cache.v],
         mask=grow(cache.mask, 1),
         index=jnp.asarray(length - 1, jnp.int32),
+        block=attention_block,
     )
     return constrain_cache(cache, model.rules)
 
 
-def prefill(ref_graph, guide_graph, n: int, max_new_tokens: int, ref_state, guide_state, tokens, mask):
+def prefill(
+    ref_graph, guide_graph, n: int, max_new_tokens: int, ref_state, guide_state, tokens, mask, attention_block: int = 0
+):
     """Reference (and guide, when given) caches of length L-1+max_new_tokens."""
     cache_len = tokens.shape[1] - 1 + max_new_tokens
-    ref_cache = _prefill_one(nnx.merge(ref_graph, ref_state), tokens, mask, cache_len, n)
+    ref_cache = _prefill_one(nnx.merge(ref_graph, ref_state), tokens, mask, cache_len, n, attention_block)
     guide_cache = None
     if guide_graph is not None:
         guide = nnx.merge(guide_graph, guide_state)
-        guide_cache = _prefill_one(guide.backbone, tokens, mask, cache_len, n)
+        guide_cache = _prefill_one(guide.backbone, tokens, mask, cache_len, n, attention_block)
     return ref_cache, guide_cache
 
 
-prefill_jit = jax.jit(prefill, static_argnums=(0, 1, 2, 3))
+prefill_jit = jax.jit(prefill, static_argnums=(0, 1, 2, 3), static_argnames=("attention_block",))
 
 
 def guidance_offsets(guide, out: jax.Array, guidance: str, inv_eta) -> jax.Array:

@@ -214,6 +214,7 @@ class Sampler:
                 guide_state,
                 self._put_batch(tokens),
                 self._put_batch(mask),
+                attention_block=cfg.attention_block,
             )
             jax.block_until_ready(ref_cache.index)  # only to time prefill apart from decode
             prefilled = time.perf_counter()
@@ -305,8 +306,9 @@ class Sampler:
         start = time.perf_counter()
         with self._mesh_context():
             state = init_slots_jit(
-                self.ref_graph, guide_graph, slots, cache_len, width, self.ref_state, guide_state, pad
-            )
+                self.ref_graph, guide_graph, slots, cache_len, width, self.ref_state, guide_state, pad,
+                attention_block=cfg.attention_block,
+            )  # fmt: skip
             while pending < total or (slot_row >= 0).any():
                 free = np.flatnonzero(slot_row < 0)
                 if pending < total and len(free) >= refill_threshold(slots, n, pending, total, cfg.refill_fraction):

@@ -36,12 +36,19 @@ class SamplerConfig:
     # fits): fewer, larger refills. It starts whole prompts (all n samples, one prefill) when
     # at least n slots are free, so fraction x slots >= n prefills each prompt once. In (0, 1].
     refill_fraction: float = 0.25
+    # Decode attention reads the KV cache in blocks of this many columns and skips the
+    # blocks no row has a token in yet (or any more) while they are at least a quarter of
+    # the cache, so a step costs what the filled part costs, not the capacity (measured on
+    # CPU, docs/benchmarks.md); 0 = always attend over every column (masked).
+    attention_block: int = 128
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_KINDS:
             raise ValueError(f"guidance={self.guidance!r} is not one of {GUIDANCE_KINDS}.")
         if self.max_new_tokens < 1 or self.k < 1 or self.prompt_bucket < 1 or self.batch_bucket < 1:
             raise ValueError(f"max_new_tokens, k, prompt_bucket and batch_bucket must be >= 1: {self}")
+        if self.attention_block < 0:
+            raise ValueError(f"attention_block must be >= 0 (0 = attend over the whole cache): {self}")
         if self.slots < 0 or self.segment < 1:
             raise ValueError(f"slots must be >= 0 and segment >= 1: {self}")
         if not 0.0 < self.refill_fraction <= 1.0:

@@ -86,6 +86,60 @@ def test_probe_tokens_equal_separate_forwards():
     np.testing.assert_allclose(np.asarray(h[:, 0]), np.asarray(ref[:, -1]), atol=1e-5)
 
 
+def _cache_with_holes(cfg, b, length, live_cols, nan_cols, seed):
+    """A cache of random K/V whose visible columns per row are ``live_cols[row]``; columns
+    ``nan_cols`` (visible to no row) hold NaN: reading them would poison the output."""
+    cache = M.init_cache(cfg, b, length)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((b, length), bool)
+    for row, cols in enumerate(live_cols):
+        mask[row, cols] = True
+
+    def fill(x):
+        x = rng.normal(0, 1, x.shape).astype(np.float32)
+        x[:, :, nan_cols] = np.nan
+        return jnp.asarray(x)
+
+    return M.KVCache(k=[fill(x) for x in cache.k], v=[fill(x) for x in cache.v], mask=jnp.asarray(mask), index=0)
+
+
+@pytest.mark.parametrize("n_probes", [0, 4])
+def test_blocked_cache_attention_equals_dense_and_skips_empty_blocks(n_probes):
+    cfg = ModelConfig(**TINY)
+    model = M.build(cfg, seed=4)
+    length, block = 37, 8  # five blocks, the last one cut short (read as columns 29..36)
+    # row 0: a prompt wrapping around the circular buffer (columns 33..36 and 0..5);
+    # row 1: columns 24..30 (two blocks, one of them partly read twice by the short last block);
+    # row 2: nothing visible (a free slot). Blocks 1 and 2 (columns 8..23) hold no token of any
+    # row: NaN there, so any read of them shows up in the output.
+    live_cols = [list(range(33, 37)) + list(range(0, 6)), list(range(24, 31)), []]
+    b, t = len(live_cols), 1 + n_probes
+    dead = list(range(8, 24))
+    dense = _cache_with_holes(cfg, b, length, live_cols, dead, seed=5)
+    dense.k = [jnp.nan_to_num(x) for x in dense.k]  # the dense path reads every column:
+    dense.v = [jnp.nan_to_num(x) for x in dense.v]  # give it zeros where the blocked one sees NaN
+    blocked = _cache_with_holes(cfg, b, length, live_cols, dead, seed=5)
+    blocked.block = block
+    index = jnp.int32(6)  # the next column of row 0's wrapped prompt
+    dense.index = blocked.index = index
+    rng = np.random.default_rng(6)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)))
+    positions = jnp.asarray(np.array([10, 7, 0])[:, None] + (np.arange(t) > 0))
+    h_dense, c_dense = model(tokens, positions, cache=dense, n_write=1)
+    h_blocked, c_blocked = model(tokens, positions, cache=blocked, n_write=1)
+    assert c_blocked.block == block and int(c_blocked.index) == 7
+    assert np.all(np.isfinite(np.asarray(h_blocked)))
+    # both are softmax averages over the same <= 12 visible columns, summed in another order:
+    # float32 rounding (eps 1.2e-7) of O(1) terms through two layers and the final norm
+    np.testing.assert_allclose(np.asarray(h_blocked), np.asarray(h_dense), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c_blocked.mask), np.asarray(c_dense.mask))
+
+
+def test_negative_cache_block_is_rejected():
+    with pytest.raises(ValueError, match="block=-1"):
+        M.init_cache(ModelConfig(**TINY), 1, 8, block=-1)
+
+
 def test_param_logical_axes_cover_every_parameter():
     model = M.abstract(ModelConfig(**TINY))
     from flax import nnx

@@ -56,13 +56,21 @@ def assert_row_equal(batch, r, alone, tol=1e-5):
     np.testing.assert_allclose(batch.kl_token[r], alone.kl_token[0], atol=tol)
 
 
-@pytest.mark.parametrize("guided", [False, True])
-def test_every_row_equals_sampling_it_alone_with_its_key(models, guided):
+# block 4: the slots' 25-column circular caches are read in 4-column blocks (the last one
+# cut short), skipping blocks no live row has a token in; the rows alone attend densely
+def _row(batch, r):
+    """Row r of a RolloutBatch as a batch of one."""
+    fields = ("tokens", "lengths", "logp_policy", "logp_ref", "kl_token", "kl_traj", "prompt_index")
+    return type(batch)(*(getattr(batch, f)[r : r + 1] for f in fields))
+
+
+@pytest.mark.parametrize("guided,block", [(False, 0), (True, 0), (False, 4), (True, 4)])
+def test_every_row_equals_sampling_it_alone_with_its_key(models, guided, block):
     ref, guide = models
     knobs = dict(temperature=1.0, top_p=0.95, inv_eta=5.0, guided=guided)
     key = jax.random.key(7)
-    batch = Sampler(ref, guide, config(slots=4)).generate(PROMPTS, key=key, n=N, **knobs)
-    alone_sampler = Sampler(ref, guide, config(slots=0))  # the static engine, one row per call
+    batch = Sampler(ref, guide, config(slots=4, attention_block=block)).generate(PROMPTS, key=key, n=N, **knobs)
+    alone_sampler = Sampler(ref, guide, config(slots=0, attention_block=0))  # the static engine, one row per call
     keys = row_keys(key, len(PROMPTS), N)
     for r in range(len(PROMPTS) * N):
         alone = alone_sampler.generate([PROMPTS[r // N]], key=key, keys=keys[r : r + 1], **knobs)
@@ -79,13 +87,21 @@ def test_continuous_equals_static_batch_and_keeps_slots_busy(models):
     sampler = Sampler(ref, guide, config(slots=4))
     cont = sampler.generate(PROMPTS, key=key, n=N, **knobs)
     for r in range(len(PROMPTS) * N):
-        alone = type(static)(*(getattr(static, f)[r : r + 1] for f in ("tokens", "lengths", "logp_policy",
-                             "logp_ref", "kl_token", "kl_traj", "prompt_index")))  # fmt: skip
-        assert_row_equal(cont, r, alone)
+        assert_row_equal(cont, r, _row(static, r))
     stats = sampler.last_stats
     assert stats["slots"] == 4 and stats["refills"] > 1 and stats["useful_tokens"] == cont.lengths.sum()
     # 4 slots did the work of 12 rows in fewer steps than 3 static batches of 4 would
     assert stats["steps"] * 4 >= cont.lengths.sum() and stats["steps"] < 3 * MAX_NEW
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_static_engine_with_cache_blocks_equals_dense_attention(models, guided):
+    ref, guide = models
+    key, knobs = jax.random.key(11), dict(temperature=1.0, top_p=0.95, inv_eta=5.0, guided=guided)
+    dense = Sampler(ref, guide, config(slots=0, attention_block=0)).generate(PROMPTS, key=key, n=N, **knobs)
+    blocked = Sampler(ref, guide, config(slots=0, attention_block=4)).generate(PROMPTS, key=key, n=N, **knobs)
+    for r in range(len(PROMPTS) * N):
+        assert_row_equal(blocked, r, _row(dense, r))
 
 
 def test_refilling_slots_never_recompiles(models):
@@ -168,7 +184,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20], [30, 31], [40] * 9, [50, 51, 52, 53]]
     results = []
     for mesh, slots in ((None, 0), (make_mesh(data=2, fsdp=2, tensor=2), 4)):
-        conf = SamplerConfig(max_new_tokens=8, k=5, stop_ids=(3, 4, 5), prompt_bucket=8, slots=slots, segment=3)
+        # sharded: the 23-column caches are read in blocks of 4 (unsharded: every column)
+        conf = SamplerConfig(max_new_tokens=8, k=5, stop_ids=(3, 4, 5), prompt_bucket=8, slots=slots, segment=3,
+                             attention_block=4 if slots else 0)
         ref = M.build(cfg, seed=0)
         guide = G.build(M.build(cfg, seed=1, rules=guide_rules), G.HeadConfig(kind="v"), seed=2)
         sampler = Sampler(ref, guide, conf, mesh=mesh)
