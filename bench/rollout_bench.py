@@ -192,6 +192,10 @@ def main(argv=None) -> int:
     ap.add_argument("--segment", type=int, default=16)
     ap.add_argument("--refill-fraction", type=float, default=0.25, help="SamplerConfig.refill_fraction")
     ap.add_argument("--prompt-bucket", type=int, default=64)
+    ap.add_argument(
+        "--attention-block", type=int, default=SamplerConfig.attention_block,
+        help="SamplerConfig.attention_block (0: attend over the whole cache every step)",
+    )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument(
         "--methods", nargs="+", choices=("static", "continuous", "transformers"), default=["static", "continuous"],
@@ -262,7 +266,13 @@ def main(argv=None) -> int:
     for batch in args.batches:
         n_prompts = per_slot[batch] * batch // args.n
         prompts = task.encode_prompts(tok, problems[:n_prompts])
-        base = dict(max_new_tokens=args.max_new, stop_ids=stop_ids, pad_id=pad_id, prompt_bucket=args.prompt_bucket)
+        base = dict(
+            max_new_tokens=args.max_new,
+            stop_ids=stop_ids,
+            pad_id=pad_id,
+            prompt_bucket=args.prompt_bucket,
+            attention_block=args.attention_block,
+        )
         static = Sampler(ref, config=SamplerConfig(**base, slots=0, batch_bucket=batch // args.n))
         cont = Sampler(
             ref,
