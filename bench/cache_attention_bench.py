@@ -7,8 +7,10 @@ without reusing freed host memory, side by side in one process (issue 11).
 One reference decode step of SmolLM2-135M-Instruct (fp32): the newest token of every row
 through the model over its KV cache + LM head + argmax, ``--steps`` of them in one jitted
 ``fori_loop`` (cache carried), timed as the fastest of ``--rounds`` calls; the block sizes of
-one fill level are called in turn each round (all rounds with host memory reuse first, in one
-scope, then the rest). The cache has ``--cache`` columns (the engine's capacity: prompt
+one fill level are called in turn each round. Every fill level is measured without host memory
+reuse first, then all of them again inside one reuse scope: glibc cannot go back to its dynamic
+mmap threshold once ``mallopt`` has set one, so the default allocator is only seen before the
+process first enters the scope. The cache has ``--cache`` columns (the engine's capacity: prompt
 bucket - 1 + max new tokens; 703 = a 192-token prompt bucket + 512), of which the first
 ``filled`` hold random K/V (masked in). Variants:
 
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if 0 not in args.blocks:
+        ap.error("--blocks must include 0 (the dense pass every ratio is taken against)")
     if not host_memory.available():
         print("note: host memory reuse is not available here (not glibc, or switched off): both rows are the same")
     info = {
@@ -95,28 +99,34 @@ def main(argv=None) -> int:
     run = step_program(model, args.batch, args.steps)
     newest = jnp.arange(args.batch, dtype=jnp.int32) + 100
     rows = []
-    for filled in args.filled:
-        real = min(filled, args.cache - args.steps - 1)
-        position = jnp.full((args.batch,), real, jnp.int32)
-        programs = {}
-        for block in args.blocks:
-            cache = filled_cache(model.cfg, args.batch, args.cache, real, seed=1, block=block)
-            call_args = (state, cache, newest, position)
-            programs[block] = (jax.jit(run).lower(*call_args).compile(), call_args)
-        best = {}
-        # one scope for all calls with reuse (as one sampler call spans many steps); the
-        # blocks are called in turn within each phase
-        for reuse in (True, False):
-            with host_memory.reuse_freed_memory() if reuse else contextlib.nullcontext():
-                for block, (compiled, call_args) in programs.items():
-                    timed_call(compiled, call_args)  # warm-up (with reuse: the heap grows once)
-                    best[(block, reuse)] = (float("inf"), 0)
+    # the cache's shape does not depend on how full it is: one program per block size
+    position0 = jnp.zeros((args.batch,), jnp.int32)
+    programs = {}
+    for block in args.blocks:
+        cache = filled_cache(model.cfg, args.batch, args.cache, 1, seed=1, block=block)
+        programs[block] = jax.jit(run).lower(state, cache, newest, position0).compile()
+    best = {}
+    for reuse in (False, True):  # without reuse first: see the module docstring
+        with host_memory.reuse_freed_memory() if reuse else contextlib.nullcontext():
+            for filled in args.filled:
+                real = min(filled, args.cache - args.steps - 1)
+                position = jnp.full((args.batch,), real, jnp.int32)
+                calls = {}
+                for block in args.blocks:
+                    cache = filled_cache(model.cfg, args.batch, args.cache, real, seed=1, block=block)
+                    calls[block] = (state, cache, newest, position)
+                    timed_call(programs[block], calls[block])  # warm-up (with reuse: the heap grows once)
+                    best[(real, block, reuse)] = (float("inf"), 0)
                 for _ in range(args.rounds):
-                    for block, (compiled, call_args) in programs.items():
-                        sec, faults = timed_call(compiled, call_args)
-                        if sec < best[(block, reuse)][0]:
-                            best[(block, reuse)] = (sec, faults)
-        for (block, reuse), (sec, faults) in best.items():
+                    for block, call_args in calls.items():
+                        sec, faults = timed_call(programs[block], call_args)
+                        if sec < best[(real, block, reuse)][0]:
+                            best[(real, block, reuse)] = (sec, faults)
+                del calls
+    for real in sorted({k[0] for k in best}):
+        for (r, block, reuse), (sec, faults) in best.items():
+            if r != real:
+                continue
             row = dict(
                 filled=real,
                 attention_block=block,
@@ -130,10 +140,10 @@ def main(argv=None) -> int:
                 f"{row['ms_per_step']:7.1f} ms/step, page faults {row['fault_gb_per_step']:.2f} GB/step",
                 flush=True,
             )
-        base = best[(0, False)][0]
-        for v, (sec, _) in best.items():
-            if v != (0, False):
-                print(f"  filled {real:4d}: block {v[0]} reuse {int(v[1])} is {base / sec:.2f}x block 0 reuse 0")
+        base = best[(real, 0, False)][0]
+        for (r, block, reuse), (sec, _) in best.items():
+            if r == real and (block, reuse) != (0, False):
+                print(f"  filled {real:4d}: block {block} reuse {int(reuse)} is {base / sec:.2f}x block 0 reuse 0")
     info["load_average_end"] = os.getloadavg()
     if args.json:
         with open(args.json, "w") as f:

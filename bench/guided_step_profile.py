@@ -22,12 +22,15 @@ round (side by side: the machine is shared); per-iteration milliseconds:
 
 ``--cache`` is the KV cache length the attention scans (the engine attends over the whole
 cache, masked: prompt bucket - 1 + max_new_tokens), not the number of real tokens. FLOPs are
-XLA's ``cost_analysis`` of each compiled program (its loop body: one iteration).
+XLA's ``cost_analysis`` of each compiled program (its loop body: one iteration). Everything runs
+inside ``core.host_memory.reuse_freed_memory`` as in the sampler (``--reuse-host-memory 0``:
+glibc's default allocator, whose unmapped scratch is faulted in again every step).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -40,7 +43,7 @@ import numpy as np
 from flax import nnx
 
 from qsharp_jax.checkpoints import loader
-from qsharp_jax.core import sampling
+from qsharp_jax.core import host_memory, sampling
 from qsharp_jax.guidance import model as guidance_model
 from qsharp_jax.models.decoder import KVCache, init_cache
 from qsharp_jax.rollout import engine
@@ -237,6 +240,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reuse-host-memory", type=int, choices=(0, 1), default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     info = {
@@ -244,13 +248,16 @@ def main(argv=None) -> int:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "jax": jax.__version__,
         "load_average_start": os.getloadavg(),
+        "reuse_host_memory": bool(args.reuse_host_memory and host_memory.available()),
     }
     print(json.dumps(info), flush=True)
     ref = loader.load("smollm2", dtype=jnp.float32).model
     guide = guidance_model.build(nnx.clone(ref), guidance_model.HeadConfig(kind="v", init="normal"), seed=1234)
     results = {"info": info, "by_cache": []}
+    scope = host_memory.reuse_freed_memory if args.reuse_host_memory else contextlib.nullcontext
     for c, block in [(c, b) for c in args.cache for b in args.attention_block]:
-        r = profile(ref, guide, c, min(args.real, c - args.steps - 1), args.steps, args.rounds, block)
+        with scope():
+            r = profile(ref, guide, c, min(args.real, c - args.steps - 1), args.steps, args.rounds, block)
         r["attention_block"] = block
         r["step_over_gemm_rate"] = r["step"]["gflop_s"] / r["gemm"]["gflop_s"]
         r["gemm_ms_over_step_ms"] = r["gemm"]["ms"] / r["step"]["ms"]
