@@ -1,8 +1,17 @@
 """reuse_freed_memory: inside the scope a freed large block is reused (no new page faults),
-outside it glibc unmaps it and the next one faults its pages in again."""
+outside it glibc unmaps it and the next one faults its pages in again.
+
+Each scenario runs in a fresh interpreter: glibc's allocator state depends on the process's
+history (its dynamic mmap threshold cannot be restored once ``mallopt`` has set one, and a heap
+that an earlier test grew can serve a large block without mapping it), so inside a pytest worker
+that already sampled, "outside the scope" would not mean glibc's default."""
 
 import ctypes
+import json
+import os
 import resource
+import subprocess
+import sys
 
 import pytest
 
@@ -28,10 +37,9 @@ def _faults_of_one_block() -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
 
 
-def test_freed_block_is_reused_inside_the_scope_only():
+def _scope_scenario() -> dict:
     _faults_of_one_block()
     outside = _faults_of_one_block()
-    assert outside >= PAGES_AT_LEAST  # mmap'd fresh and unmapped on free
     with host_memory.reuse_freed_memory():
         _faults_of_one_block()  # the first block grows the heap: its pages fault once
         inside = _faults_of_one_block()
@@ -39,15 +47,43 @@ def test_freed_block_is_reused_inside_the_scope_only():
             pass
         after_inner_exit = _faults_of_one_block()
     restored = _faults_of_one_block()
-    assert inside < outside / 4
-    assert after_inner_exit < outside / 4
-    assert restored >= PAGES_AT_LEAST  # back to mmap after the outer scope
+    return dict(outside=outside, inside=inside, after_inner_exit=after_inner_exit, restored=restored)
 
 
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv(host_memory.ENV_VAR, "0")
-    assert not host_memory.available()
+def _switched_off_scenario() -> dict:
     _faults_of_one_block()
     with host_memory.reuse_freed_memory():
         _faults_of_one_block()
-        assert _faults_of_one_block() >= PAGES_AT_LEAST
+        inside = _faults_of_one_block()
+    return dict(available=host_memory.available(), inside=inside)
+
+
+def _in_fresh_process(scenario: str, **env) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, scenario],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_freed_block_is_reused_inside_the_scope_only():
+    r = _in_fresh_process("scope")
+    assert r["outside"] >= PAGES_AT_LEAST  # mmap'd fresh and unmapped on free
+    assert r["inside"] < r["outside"] / 4
+    assert r["after_inner_exit"] < r["outside"] / 4
+    assert r["restored"] >= PAGES_AT_LEAST  # back to mmap after the outer scope
+
+
+def test_switched_off_by_the_environment():
+    r = _in_fresh_process("switched_off", **{host_memory.ENV_VAR: "0"})
+    assert not r["available"]
+    assert r["inside"] >= PAGES_AT_LEAST
+
+
+if __name__ == "__main__":
+    scenarios = {"scope": _scope_scenario, "switched_off": _switched_off_scenario}
+    print(json.dumps(scenarios[sys.argv[1]]()))
