@@ -13,7 +13,9 @@ large blocks come from the heap and are reused by the next step.
 ``reuse_freed_memory()`` turns mmap off for its scope and, on exit, turns it back on (with
 glibc's dynamic thresholds pinned at their usual ceilings: 32 MiB mmap, 64 MiB trim) and
 hands the heap's free pages back to the OS (``malloc_trim``), so memory retained during
-a rollout does not stay resident afterwards. Scopes nest and are thread-safe. Not glibc
+a rollout does not stay resident afterwards. The pinning is for good: glibc has no call that
+gives the dynamic thresholds back, so after the first scope the process keeps those ceilings
+(where the dynamic heuristic ends up after its first large free anyway). Scopes nest and are thread-safe. Not glibc
 (macOS, musl) or ``QSHARP_JAX_REUSE_HOST_MEMORY=0``: a no-op.
 """
 
