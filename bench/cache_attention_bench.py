@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -43,6 +41,7 @@ from qsharp_jax.core import host_memory
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from guided_step_profile import filled_cache
+from run_info import run_info
 
 
 def step_program(model, batch: int, steps: int):
@@ -84,15 +83,7 @@ def main(argv=None) -> int:
         ap.error("--blocks must include 0 (the dense pass every ratio is taken against)")
     if not host_memory.available():
         print("note: host memory reuse is not available here (not glibc, or switched off): both rows are the same")
-    info = {
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "jax": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_start": os.getloadavg(),
-        "args": vars(args),
-    }
+    info = run_info(args)
     print(json.dumps(info), flush=True)
     model = loader.load("smollm2", dtype=jnp.float32).model
     _, state = nnx.split(model)

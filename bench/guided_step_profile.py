@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import sys
@@ -41,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from run_info import run_info
 
 from qsharp_jax.checkpoints import loader
 from qsharp_jax.core import host_memory, sampling
@@ -243,13 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-host-memory", type=int, choices=(0, 1), default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    info = {
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "jax": jax.__version__,
-        "load_average_start": os.getloadavg(),
-        "reuse_host_memory": bool(args.reuse_host_memory and host_memory.available()),
-    }
+    info = run_info(reuse_host_memory=bool(args.reuse_host_memory and host_memory.available()))
     print(json.dumps(info), flush=True)
     ref = loader.load("smollm2", dtype=jnp.float32).model
     guide = guidance_model.build(nnx.clone(ref), guidance_model.HeadConfig(kind="v", init="normal"), seed=1234)

@@ -28,10 +28,8 @@ Methods are run interleaved (static, continuous, transformers) for each repeat; 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -41,6 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's OpenMP threads mu
 import jax
 import jax.numpy as jnp
 import numpy as np
+from run_info import run_info
 
 from qsharp_jax.checkpoints import loader
 from qsharp_jax.core import host_memory
@@ -221,16 +220,10 @@ def main(argv=None) -> int:
             print(json.dumps(replay(rows, batch, args.n, args.segment, args.max_new, args.refill_fraction)), flush=True)
         return 0
 
-    info = {
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "jax": jax.__version__,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average_start": os.getloadavg(),
-        "host_memory_reuse": host_memory.available(),  # glibc keeps freed blocks during decoding
-        "args": vars(args),
-    }
+    info = run_info(
+        args,
+        host_memory_reuse=host_memory.available(),  # glibc keeps freed blocks during decoding
+    )
     print(json.dumps(info, indent=1), flush=True)
     loaded = loader.load("smollm2", dtype=jnp.float32)
     ref, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
