@@ -374,13 +374,19 @@ class StarGraphRun:
     def classifier_model_config(self) -> ModelConfig:
         return decoder_config(self.tok.vocab_size, self.seq_len, self.cfg.classifier)
 
-    def train_classifier(self, reference, examples, held, subdir: str, steps: int | None = None):
+    def train_classifier(self, reference, examples, held, subdir: str, steps: int | None = None, start=None):
+        """Train (or resume) a classifier under ``subdir``: from ``classifier.init``, or from a copy
+        of the classifier ``start`` (the online round's warm start)."""
         c = self.cfg.classifier.copy_and_resolve_references()
         if steps:
             c.steps = steps
-        guide = qsg.build_classifier(
-            reference, self.classifier_model_config(), c.init, c.seed, star=self.tok, pretrained_path=c.pretrained_path
-        )
+        if start is not None:
+            guide = nnx.clone(start)
+        else:
+            guide = qsg.build_classifier(
+                reference, self.classifier_model_config(), c.init, c.seed, star=self.tok,
+                pretrained_path=c.pretrained_path,
+            )  # fmt: skip
         evaluate = lambda g: qsg.classifier_metrics(g, held["prefixes"], held["chosen"], held["rejected"])
         return qsg.train_classifier(guide, examples, c, self.seq_len, self._p(subdir), evaluate, _log)
 
@@ -478,7 +484,8 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
                 )
             _log(f"online round: {stats}")
             steps = cfg.online.get("classifier_steps", 0) or cfg.classifier.steps
-            guide2, _ = r.train_classifier(reference, examples + online, held, "classifier_online", steps)
+            start = guide if cfg.online.get("warm_start", False) else None
+            guide2, _ = r.train_classifier(reference, examples + online, held, "classifier_online", steps, start)
             return r.evaluate("qsharp_online", reference, guide=guide2)
 
         results["qsharp_online"] = r._timed("qsharp_online", do_online)
@@ -518,6 +525,12 @@ def run(cfg: ml_collections.ConfigDict) -> dict:
         for name in ("classifier", "classifier_online"):
             path = r._p(name, "curve.json")
             curves[name] = _read_json(path) if os.path.exists(path) else None
+        online_curve, round1 = curves.pop("classifier_online"), curves["classifier"]
+        if online_curve and cfg.online.get("warm_start", False) and round1:  # it continues round 1's steps
+            base = round1[-1]["step"]
+            curves["classifier_online (warm start)"] = [dict(p, step=p["step"] + base) for p in online_curve]
+        else:
+            curves["classifier_online"] = online_curve
         report.curves_chart(r._p("curves.png"), pre["history"], curves, title, degree)
     print(text)
     return results

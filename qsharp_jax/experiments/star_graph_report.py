@@ -50,6 +50,7 @@ def bar_chart(path: str, results: dict, title: str, degree: int) -> None:
         ax.text(
             b.get_x() + b.get_width() / 2, b.get_height() + 0.015,
             f"{results[n]['accuracy']:.2f}\nKL {results[n]['mean_kl']:.2f}", ha="center", va="bottom", fontsize=7,
+            bbox=dict(facecolor="white", edgecolor="none", pad=0.5), zorder=3,
         )  # fmt: skip
     ax.axhline(1 / degree, color="k", ls="--", lw=0.8, label=f"1/degree = {1 / degree:.2f}")
     ax.set_ylim(0, 1.18)
@@ -64,7 +65,8 @@ def bar_chart(path: str, results: dict, title: str, degree: int) -> None:
 
 def curves_chart(path: str, pretrain_curve: list, classifier_curves: dict, title: str, degree: int) -> None:
     """Left: the reference's pretraining (loss; teacher-forced accuracy at the first decision and
-    at every other target token). Right: the classifier's held-out first-decision pair accuracy."""
+    at every other target token). Right: the classifier's held-out first-decision pair accuracy
+    (``classifier_curves``: {label: curve}, steps as they should be plotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,10 +85,10 @@ def curves_chart(path: str, pretrain_curve: list, classifier_curves: dict, title
         if curve:
             b.plot([p["step"] for p in curve], [p["first_decision_pair_acc"] for p in curve], "o-", label=name)
     b.axhline(0.5, color="gray", lw=0.6, ls=":")
-    b.set_ylim(0, 1)
+    b.set_ylim(0, 1.03)
     b.set_xlabel("classifier step")
     b.set_title("classifier: held-out first-decision pair accuracy", fontsize=9)
-    b.legend(fontsize=7, frameon=False)
+    b.legend(fontsize=7, frameon=False, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

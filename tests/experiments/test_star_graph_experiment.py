@@ -7,9 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 import configs.star_graph as star_config
 from qsharp_jax.experiments import star_graph
+from qsharp_jax.models import decoder as model_lib
+from qsharp_jax.qsharp import star_graph as qsg
 
 from conftest import ROOT
 
@@ -68,6 +71,41 @@ def test_pair_stats_by_hand():
     assert star_graph.pair_stats(none) == dict(
         pairs=0, mean_tries=None, first_decision_differs=None, rejected_ends_at_goal=None
     )
+
+
+def _flat_params(guide):
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.split(guide, nnx.Param)[1])}
+
+
+def test_online_warm_start_continues_from_the_round_one_classifier(tmp_path):
+    """online.warm_start: the round-2 classifier starts from a copy of round 1's, not from
+    classifier.init. Trained at lr 1e-12, Adam moves each parameter by at most
+    lr * (1 + weight_decay * |p|) per step (its normalised step is at most 1 in size), so the warm
+    start stays within 1e-9 of round 1 while a fresh start is round 1's init, which round 1's
+    steps at lr 1e-2 moved by far more."""
+    cfg = star_config.get_config("quick")
+    cfg.output_dir = str(tmp_path / "run")
+    cfg.data.update(pretrain=64, posttrain=64, test=16, heldout=16)
+    cfg.classifier.update(steps=2, eval_every=2, batch_size=8, lr=1e-2, warmup_steps=0)
+    r = star_graph.StarGraphRun(cfg)
+    r.load_data()
+    reference = model_lib.build(r.reference_config(), seed=0)
+    prefixes, targets = r.arrays["posttrain"]
+    rejected = np.roll(targets, 1, axis=0)  # another graph's path: a wrong one for this graph
+    examples = qsg.pair_examples(prefixes[:48], targets[:48], rejected[:48])
+    held = dict(prefixes=prefixes[48:], chosen=targets[48:], rejected=rejected[48:])
+
+    round1, _ = r.train_classifier(reference, examples, held, "round1")
+    p1 = _flat_params(round1)
+    r.cfg.classifier.lr = 1e-12
+    warm, _ = r.train_classifier(reference, examples, held, "warm", start=round1)
+    fresh, _ = r.train_classifier(reference, examples, held, "fresh")
+    pw, pf = _flat_params(warm), _flat_params(fresh)
+    assert pw.keys() == p1.keys() == pf.keys()
+    assert max(float(np.max(np.abs(pw[k] - p1[k]))) for k in p1) < 1e-9
+    assert max(float(np.max(np.abs(pf[k] - p1[k]))) for k in p1) > 1e-3
+    # the copy is independent: training the warm start left round 1's parameters where they were
+    assert all(np.array_equal(_flat_params(round1)[k], p1[k]) for k in p1)
 
 
 def test_quick_preset_end_to_end_and_resume(tmp_path):
