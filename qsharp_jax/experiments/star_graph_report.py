@@ -83,11 +83,16 @@ def curves_chart(path: str, pretrain_curve: list, classifier_curves: dict, title
     a.legend(fontsize=7, frameon=False)
     for name, curve in classifier_curves.items():
         if curve:
-            b.plot([p["step"] for p in curve], [p["first_decision_pair_acc"] for p in curve], "o-", label=name)
+            xs = [p["step"] for p in curve]
+            first = [p["first_decision_pair_acc"] for p in curve]
+            (line,) = b.plot(xs, first, "o-", label=f"{name}: first decision")
+            # the goal-token position needs one lookup: it is learned first
+            last = [p["position_acc"][-1] for p in curve]
+            b.plot(xs, last, "x--", color=line.get_color(), label=f"{name}: last position")
     b.axhline(0.5, color="gray", lw=0.6, ls=":")
     b.set_ylim(0, 1.03)
     b.set_xlabel("classifier step")
-    b.set_title("classifier: held-out first-decision pair accuracy", fontsize=9)
+    b.set_title("classifier on held-out pairs", fontsize=9)
     b.legend(fontsize=7, frameon=False, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
